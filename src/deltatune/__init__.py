@@ -1,0 +1,20 @@
+"""deltatune: every way to adapt a frozen pretrained model, as a named delta."""
+from .core.config import DeltaConfig, config_from_dict
+from .core.errors import (ConfigError, CorruptFileError, DeltaError, IncompatibleDeltaError,
+                          TargetNotFoundError, UnknownMethodError)
+from .core.layer import DeltaLayer, DeltaPiece
+from .core.model import DeltaModel, ModelPiece, attach
+from .core.registry import method_names, register
+from .methods.bitfit import BitFitConfig
+from .methods.lora import LoRAConfig
+from .methods.partial import FullConfig, PartialConfig
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "attach", "DeltaModel", "DeltaConfig", "config_from_dict", "register", "method_names",
+    "DeltaLayer", "DeltaPiece", "ModelPiece",
+    "LoRAConfig", "BitFitConfig", "PartialConfig", "FullConfig",
+    "DeltaError", "ConfigError", "CorruptFileError", "IncompatibleDeltaError", "TargetNotFoundError",
+    "UnknownMethodError",
+]

@@ -1,0 +1,77 @@
+"""The delta file format: `adapter_config.json` + `adapter_model.safetensors`.
+
+Tensor keys are `base_model.model.<module path>.<piece key>` (PEFT's layout),
+and model-level pieces (soft prompts) use their own keys verbatim. Writes are
+atomic (temporary file, then rename). Pickle files are refused."""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .errors import CorruptFileError
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PREFIX = "base_model.model."
+_PICKLES = ("adapter_model.bin", "pytorch_model.bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def atomic_write(path: Path, write) -> None:
+    """Call write(tmp_path), then rename over `path`, so a reader never sees half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix="." + path.name, suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_delta(directory, config_dict: dict, tensors: dict[str, torch.Tensor]) -> None:
+    directory = Path(directory)
+    seen, out = set(), {}
+    for k, v in tensors.items():
+        v = v.detach().contiguous().cpu()
+        # tied weights (embeddings / LM head in a full delta) are written once per key
+        out[k] = v.clone() if v.data_ptr() in seen else v
+        seen.add(v.data_ptr())
+    tensors = out
+    atomic_write(directory / WEIGHTS_NAME, lambda t: save_file(tensors, t, metadata={"format": "pt"}))
+    text = json.dumps(config_dict, indent=2, sort_keys=True)
+    atomic_write(directory / CONFIG_NAME, lambda t: Path(t).write_text(text))
+
+
+def read_delta(directory) -> tuple[dict, dict[str, torch.Tensor]]:
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"No delta directory at {str(directory)!r}.")
+    cfg_path, weights = directory / CONFIG_NAME, directory / WEIGHTS_NAME
+    if not weights.exists():
+        pickles = [p.name for p in directory.iterdir() if p.name.endswith(_PICKLES)]
+        if pickles:
+            raise CorruptFileError(
+                f"{directory} holds only pickle weights ({', '.join(pickles)}); deltatune never unpickles "
+                "files. Convert them to safetensors in a trusted environment "
+                "(safetensors.torch.save_file) and load again.")
+        raise FileNotFoundError(f"{weights} not found: a delta directory holds {CONFIG_NAME} and {WEIGHTS_NAME}.")
+    if not cfg_path.exists():
+        raise FileNotFoundError(f"{cfg_path} not found: a delta directory holds {CONFIG_NAME} and {WEIGHTS_NAME}.")
+    try:
+        config = json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as e:
+        raise CorruptFileError(f"{cfg_path} is not valid JSON ({e}); re-save the delta.") from None
+    try:
+        tensors = load_file(str(weights))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CorruptFileError(f"{weights} is not a readable safetensors file ({e}); "
+                               "the file is truncated or corrupt: re-save or re-download it.") from None
+    return config, tensors

@@ -1,0 +1,371 @@
+"""`DeltaModel`: a frozen Hugging Face model carrying named deltas."""
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Iterable
+
+import torch
+from torch import nn
+
+from .config import DeltaConfig, config_from_dict
+from .copy import TrainableCopy
+from .errors import ConfigError, IncompatibleDeltaError
+from .io import PREFIX, read_delta, write_delta
+from .layer import DeltaLayer
+from .registry import get_method, method_of
+from .targets import find_targets
+
+MODEL_LEVEL = ""  # key of a model-level piece in a method's build() result
+
+
+class ModelPiece(nn.Module):
+    """The part of a delta that acts on the model's inputs/outputs (soft prompts).
+
+    `prepare(model, kwargs)` returns new forward kwargs and a function applied to
+    the outputs; `prepare_generate` does the same for `generate`."""
+
+    def prepare(self, model, kwargs):  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def prepare_generate(self, model, kwargs):
+        return self.prepare(model, kwargs)
+
+    def file_state(self):
+        return dict(self.state_dict())
+
+    def load_file_state(self, state):
+        self.load_state_dict(state, strict=True)
+
+
+class DeltaModel(nn.Module):
+    def __init__(self, base_model: nn.Module):
+        super().__init__()
+        if isinstance(base_model, DeltaModel):
+            raise ConfigError("This model already is a DeltaModel: use model.add_delta(name, config).")
+        self.base_model = base_model
+        self.model_pieces = nn.ModuleDict()
+        self.configs: dict[str, DeltaConfig] = {}
+        self.active: list = []
+        self._enabled = True
+        for p in base_model.parameters():
+            p.requires_grad_(False)
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self._modules["base_model"], name)
+
+    # -- deltas --------------------------------------------------------------
+    def delta_layers(self) -> Iterable[tuple[str, DeltaLayer]]:
+        for path, mod in self.base_model.named_modules():
+            if isinstance(mod, DeltaLayer):
+                yield path, mod
+
+    def add_delta(self, name: str, config: DeltaConfig, trainable: bool = True) -> "DeltaModel":
+        if not isinstance(config, DeltaConfig):
+            raise ConfigError(f"Expected a delta config (e.g. dt.LoRAConfig(...)), got {type(config).__name__}.")
+        if name in self.configs:
+            raise ConfigError(f"A delta named {name!r} is already attached; delete_delta({name!r}) first "
+                              "or choose another name.")
+        if "." in name or not name:
+            raise ConfigError(f"Delta name {name!r} must be non-empty and contain no '.'.")
+        pieces = dict(method_of(config).build(self.base_model, config))
+        heads = default_heads(self.base_model) if config.modules_to_save is None else config.modules_to_save
+        for target in heads:
+            for path in find_targets(self.base_model, [target], types=None):
+                if not any(path == q or path.startswith(q + ".") for q in pieces if q):
+                    pieces[path] = TrainableCopy(self._unwrap(path))
+        for path, piece in pieces.items():
+            self._install(name, path, piece)
+        self.configs[name] = config
+        self.set_trainable(name, trainable)
+        self.set_active(self.active or [name])  # the first delta becomes active; others wait for set_active
+        return self
+
+    def _unwrap(self, path):
+        mod = self.base_model.get_submodule(path)
+        return mod.base_layer if isinstance(mod, DeltaLayer) else mod
+
+    def _install(self, name, path, piece):
+        if path == MODEL_LEVEL:
+            self.model_pieces[name] = piece
+            return
+        mod = self.base_model.get_submodule(path)
+        if not isinstance(mod, DeltaLayer):
+            wrapper = DeltaLayer(mod)
+            parent, _, child = path.rpartition(".")
+            setattr(self.base_model.get_submodule(parent) if parent else self.base_model, child, wrapper)
+            mod = wrapper
+        ref = next(mod.base_layer.parameters(), None)
+        if ref is not None:
+            piece.to(device=ref.device)
+        mod.deltas[name] = piece
+
+    def pieces_of(self, name: str) -> dict[str, nn.Module]:
+        """{module path: piece} of one delta ("" for its model-level piece)."""
+        out = {path: layer.deltas[name] for path, layer in self.delta_layers() if name in layer.deltas}
+        if name in self.model_pieces:
+            out[MODEL_LEVEL] = self.model_pieces[name]
+        return out
+
+    def delta_parameters(self, name: str):
+        for piece in self.pieces_of(name).values():
+            yield from piece.parameters()
+
+    def set_trainable(self, name: str, trainable: bool = True) -> None:
+        self._check_names([name])
+        for p in self.delta_parameters(name):
+            p.requires_grad_(trainable and p.is_floating_point())
+
+    def delete_delta(self, name: str) -> None:
+        self._check_names([name])
+        self.unmerge([name])
+        for path, layer in list(self.delta_layers()):
+            if name in layer.deltas:
+                del layer.deltas[name]
+            if not len(layer.deltas):  # put the original module back
+                parent, _, child = path.rpartition(".")
+                setattr(self.base_model.get_submodule(parent) if parent else self.base_model, child, layer.base_layer)
+        if name in self.model_pieces:
+            del self.model_pieces[name]
+        del self.configs[name]
+        self.set_active([n for n in self._names(self.active) if n != name])
+
+    # -- which deltas act ----------------------------------------------------
+    @staticmethod
+    def _names(active) -> list[str]:
+        if isinstance(active, str):
+            return [active]
+        names = getattr(active, "names", None)
+        return list(names() if callable(names) else active)
+
+    def _check_names(self, names):
+        for n in names:
+            if n not in self.configs:
+                raise ConfigError(f"No delta named {n!r}; attached deltas: {sorted(self.configs) or 'none'}.")
+
+    def set_active(self, names) -> None:
+        """Activate one delta, a list (their effects add) or a composition (dt.Stack, ...)."""
+        active = [names] if isinstance(names, str) else names
+        self._check_names(self._names(active))
+        self.active = active
+        for _, layer in self.delta_layers():
+            layer.active = active
+
+    @property
+    def active_names(self) -> list[str]:
+        return self._names(self.active)
+
+    @contextlib.contextmanager
+    def disabled(self):
+        """Base-model behaviour inside the block (merged deltas are unmerged for it)."""
+        merged = {path: list(layer.merged) for path, layer in self.delta_layers()}
+        self._set_enabled(False)
+        for path, layer in self.delta_layers():
+            for n in list(layer.merged):
+                layer.unmerge(n)
+        try:
+            yield self
+        finally:
+            self._set_enabled(True)
+            for path, layer in self.delta_layers():
+                for n in merged.get(path, []):
+                    layer.merge(n)
+
+    def _set_enabled(self, flag: bool) -> None:
+        self._enabled = flag
+        for _, layer in self.delta_layers():
+            layer.enabled = flag
+
+    # -- merging -------------------------------------------------------------
+    def merge(self, names=None) -> None:
+        """Fold deltas (default: the active ones) into the base weights; idempotent."""
+        names = self.active_names if names is None else self._names(names)
+        self._check_names(names)
+        for n in names:
+            pieces = self.pieces_of(n)
+            if MODEL_LEVEL in pieces or not all(p.mergeable or p.replaces_base for p in pieces.values()):
+                raise ConfigError(f"Delta {n!r} ({self.configs[n].method}) adds modules or inputs, not weight "
+                                  "changes, so it cannot be merged into the weights; keep it attached.")
+        for n in names:
+            for _, layer in self.delta_layers():
+                if n in layer.deltas and not layer.deltas[n].replaces_base:
+                    layer.merge(n)
+
+    def unmerge(self, names=None) -> None:
+        names = list(self.configs) if names is None else self._names(names)
+        for n in names:
+            for _, layer in self.delta_layers():
+                layer.unmerge(n)
+
+    def merge_and_unload(self) -> nn.Module:
+        """The plain HF model with the active deltas folded in (trained copies take their module's place)."""
+        self.merge()
+        for path, layer in list(self.delta_layers()):
+            copies = [layer.deltas[n] for n in self.active_names if n in layer.deltas and layer.deltas[n].replaces_base]
+            plain = copies[-1].module if copies else layer.base_layer
+            parent, _, child = path.rpartition(".")
+            setattr(self.base_model.get_submodule(parent) if parent else self.base_model, child, plain)
+        base = self.base_model
+        for p in base.parameters():
+            p.requires_grad_(False)
+        return base
+
+    # -- running -------------------------------------------------------------
+    def _model_pieces(self):
+        if not self._enabled:
+            return []
+        return [self.model_pieces[n] for n in self.active_names if n in self.model_pieces]
+
+    def forward(self, *args, **kwargs):
+        posts = []
+        for piece in self._model_pieces():
+            kwargs, post = piece.prepare(self, kwargs)
+            posts.append(post)
+        out = self.base_model(*args, **kwargs)
+        for post in reversed(posts):
+            out = post(out) if post else out
+        return out
+
+    def generate(self, *args, **kwargs):
+        posts = []
+        for piece in self._model_pieces():
+            kwargs, post = piece.prepare_generate(self, kwargs)
+            posts.append(post)
+        out = self.base_model.generate(*args, **kwargs)
+        for post in reversed(posts):
+            out = post(out) if post else out
+        return out
+
+    # -- parameters ----------------------------------------------------------
+    def trainable_summary(self) -> dict:
+        """Trainable parameters against the model's size: base parameters plus added ones,
+        where trained copies of base modules (full/partial, task heads) count once."""
+        copies = {id(p) for m in self.modules() if isinstance(m, TrainableCopy) for p in m.parameters()}
+        seen, trainable, total = set(), 0, 0
+        for p in self.parameters():
+            if id(p) in seen:
+                continue
+            seen.add(id(p))
+            total += 0 if id(p) in copies else p.numel()
+            trainable += p.numel() if p.requires_grad else 0
+        return {"trainable": trainable, "total": total, "percent": 100.0 * trainable / max(total, 1)}
+
+    def print_trainable_parameters(self) -> None:
+        s = self.trainable_summary()
+        print(f"trainable params: {s['trainable']:,} || all params: {s['total']:,} || "
+              f"trainable%: {s['percent']:.4f}")
+
+    # -- files ---------------------------------------------------------------
+    def delta_state(self, name: str) -> dict[str, torch.Tensor]:
+        """The tensors of one delta under their file keys."""
+        out = {}
+        for path, piece in self.pieces_of(name).items():
+            prefix = "" if path == MODEL_LEVEL else PREFIX + path + "."
+            for k, v in piece.file_state().items():
+                out[prefix + k] = v
+        return out
+
+    def save_pretrained(self, path, names=None) -> None:
+        """Write each delta: the first (or "default") in `path`, others in `path/<name>/`."""
+        names = list(self.configs) if names is None else self._names(names)
+        self._check_names(names)
+        root = "default" if "default" in names else names[0]
+        for n in names:
+            cfg = self.configs[n]
+            to_file = getattr(cfg, "to_file_dict", None)
+            cfg_dict = to_file() if callable(to_file) else cfg.to_dict()
+            cfg_dict.setdefault("base_model_name_or_path", getattr(self.base_model.config, "_name_or_path", None))
+            write_delta(Path(path) if n == root else Path(path) / n, cfg_dict, self.delta_state(n))
+
+    @classmethod
+    def from_pretrained(cls, base_model, path, name: str = "default", trainable: bool = False) -> "DeltaModel":
+        model = base_model if isinstance(base_model, DeltaModel) else cls(base_model)
+        model.load_delta(path, name=name, trainable=trainable)
+        model.set_active(name)
+        return model
+
+    def load_delta(self, path, name: str = "default", trainable: bool = False) -> "DeltaModel":
+        cfg_dict, tensors = read_delta(path)
+        config = config_from_file(cfg_dict)
+        self.add_delta(name, config, trainable=trainable)
+        try:
+            self._load_tensors(name, tensors, source=path)
+        except Exception:
+            self.delete_delta(name)
+            raise
+        return self
+
+    def _load_tensors(self, name, tensors, source):
+        pieces = self.pieces_of(name)
+        by_piece = {path: {} for path in pieces}
+        for key, value in tensors.items():
+            path, sub = _split_key(key, pieces)
+            if path is None:
+                if ".base_layer." in key:  # PEFT stores untouched embedding weights too
+                    continue
+                raise IncompatibleDeltaError(
+                    f"Delta {str(source)!r} has weights for {key!r}, which this {type(self.base_model).__name__} "
+                    "has no place for: the delta was made for another architecture or target set.")
+            by_piece[path][sub] = value
+        for path, piece in pieces.items():
+            expected = piece.file_state()
+            got = by_piece[path]
+            missing = sorted(set(expected) - set(got))
+            if missing:
+                raise IncompatibleDeltaError(
+                    f"Delta {str(source)!r} lacks {missing} for module {path or '(model level)'!r}; "
+                    "the file is incomplete or belongs to another method.")
+            for k, v in got.items():
+                if k not in expected:
+                    raise IncompatibleDeltaError(f"Delta {str(source)!r} has unexpected weights {k!r} "
+                                                 f"for module {path!r}.")
+                if tuple(expected[k].shape) != tuple(v.shape):
+                    raise IncompatibleDeltaError(
+                        f"Delta {str(source)!r} does not fit this base model: module {path!r} weight {k!r} has "
+                        f"shape {tuple(v.shape)} in the file but {tuple(expected[k].shape)} here "
+                        "(the delta was trained on another base model).")
+            ref = next(iter(expected.values()), None)
+            piece.load_file_state({k: v.to(ref.device if ref is not None else "cpu") for k, v in got.items()})
+
+
+def default_heads(model: nn.Module) -> list[str]:
+    """The freshly initialised task head of a *ForSequenceClassification-style model,
+    trained and saved with every delta unless modules_to_save says otherwise (PEFT's task_type)."""
+    name = type(model).__name__
+    if not name.endswith(("ForSequenceClassification", "ForTokenClassification", "ForQuestionAnswering",
+                          "ForMultipleChoice")):
+        return []
+    return [n for n in ("classifier", "score", "qa_outputs") if hasattr(model, n)]
+
+
+def _split_key(key: str, pieces: dict) -> tuple[str | None, str]:
+    if key.startswith(PREFIX):
+        rest = key[len(PREFIX):]
+        best = None
+        for path in pieces:
+            if path and rest.startswith(path + ".") and (best is None or len(path) > len(best)):
+                best = path
+        if best is not None:
+            return best, rest[len(best) + 1:]
+        return None, key
+    return (MODEL_LEVEL, key) if MODEL_LEVEL in pieces else (None, key)
+
+
+def config_from_file(d: dict) -> DeltaConfig:
+    """A config from adapter_config.json: ours (key "method") or PEFT's (key "peft_type")."""
+    if "method" in d:
+        d = {k: v for k, v in d.items() if k not in ("base_model_name_or_path", "deltatune_version")}
+        return config_from_dict(d)
+    if "peft_type" in d:
+        from .registry import peft_method
+        return peft_method(d["peft_type"]).config_cls.from_peft(d)
+    raise ConfigError("adapter_config.json names no method ('method' or PEFT's 'peft_type').")
+
+
+def attach(model: nn.Module, config: DeltaConfig, name: str = "default") -> DeltaModel:
+    """Wrap a Hugging Face model and attach one delta; the main entry point."""
+    dm = model if isinstance(model, DeltaModel) else DeltaModel(model)
+    return dm.add_delta(name, config)

@@ -1,0 +1,83 @@
+"""Which modules a delta goes into: suffixes, a regex, or "all-linear"."""
+from __future__ import annotations
+
+import re
+
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from .errors import TargetNotFoundError, closest
+
+LINEAR_TYPES = (nn.Linear, Conv1D)
+_LAYER_INDEX = re.compile(r"\.(?:layers?|h|block|blocks)\.(\d+)\.")
+
+
+def layer_index(path: str) -> int | None:
+    """Index of the transformer layer a module path lies in, if any."""
+    m = _LAYER_INDEX.search("." + path + ".")
+    return int(m.group(1)) if m else None
+
+
+def output_head_names(model: nn.Module) -> set[str]:
+    """Paths of the output head(s): the output embeddings and common task heads."""
+    names = set()
+    get_out = getattr(model, "get_output_embeddings", None)
+    out = get_out() if callable(get_out) else None
+    for path, mod in model.named_modules():
+        if out is not None and mod is out:
+            names.add(path)
+        if path.split(".")[-1] in {"lm_head", "score", "classifier", "qa_outputs", "cls"}:
+            names.add(path)
+    return names
+
+
+def _matches(path: str, targets) -> bool:
+    if isinstance(targets, str):
+        return re.fullmatch(targets, path) is not None
+    return any(path == t or path.endswith("." + t) for t in targets)
+
+
+def find_targets(model: nn.Module, targets, layers=None, types=LINEAR_TYPES) -> list[str]:
+    """Paths of modules matched by `targets`.
+
+    targets: a list of name suffixes ("q_proj", "attention.self.query"), a regex
+    string matched against the full path, or "all-linear" (every Linear/Conv1D
+    outside the output head). `layers` keeps only modules in those layer indices.
+    """
+    named = dict(model.named_modules())
+    if targets == "all-linear":
+        heads = output_head_names(model)
+        found = [p for p, m in named.items()
+                 if isinstance(m, LINEAR_TYPES) and not any(p == h or p.startswith(h + ".") for h in heads)]
+    else:
+        if isinstance(targets, str) and targets in named:
+            targets = [targets]
+        found = [p for p in named if p and _matches(p, targets)]
+        wrong = [p for p in found if types and not isinstance(_unwrapped(named[p]), types)]
+        if wrong and len(wrong) == len(found):
+            kinds = sorted({type(_unwrapped(named[p])).__name__ for p in wrong})
+            raise TargetNotFoundError(
+                f"Targets {targets!r} matched only modules of type {', '.join(kinds)} "
+                f"(e.g. {wrong[0]!r}); this method applies to {', '.join(t.__name__ for t in types)}.")
+        found = [p for p in found if p not in wrong]
+    if layers is not None:
+        keep = set(layers)
+        found = [p for p in found if layer_index(p) in keep]
+    if not found:
+        raise TargetNotFoundError(_not_found_message(model, targets, layers, types))
+    return found
+
+
+def _unwrapped(mod):
+    return getattr(mod, "base_layer", mod)
+
+
+def _not_found_message(model, targets, layers, types) -> str:
+    leafs = sorted({p.split(".")[-1] for p, m in model.named_modules()
+                    if p and isinstance(_unwrapped(m), types or (nn.Module,))})
+    wanted = [targets] if isinstance(targets, str) else list(targets)
+    near = sorted({c for t in wanted for c in closest(str(t).split(".")[-1], leafs)})
+    hint = f" Close module names: {', '.join(near)}." if near else ""
+    where = f" in layers {list(layers)}" if layers is not None else ""
+    return (f"Target modules {targets!r} not found{where} in {type(model).__name__}.{hint} "
+            f"Modules this method can wrap here: {', '.join(leafs[:30])}.")

@@ -1,0 +1,2 @@
+"""Built-in methods: importing a module registers it."""
+from . import bitfit, lora, partial  # noqa: F401

@@ -1,0 +1,74 @@
+"""BitFit (Ben-Zaken et al. 2021): only bias terms train.
+
+Each bias gets a zero-initialised delta added to the module's output, which
+has the same gradient as training the bias itself but leaves the base model
+untouched, so it can be disabled, swapped and merged like any delta."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from ..core.config import DeltaConfig
+from ..core.errors import ConfigError
+from ..core.layer import DeltaPiece
+from ..core.registry import register
+from ..core.targets import LINEAR_TYPES, find_targets, output_head_names
+
+
+@dataclass
+class BitFitConfig(DeltaConfig):
+    targets: list[str] | str | None = field(default=None, metadata={
+        "help": "modules whose biases train (suffixes or regex); default: every module that has a bias"})
+    add_missing: bool = field(default=False, metadata={
+        "help": "models without biases (Llama): add zero-initialised biases to every linear layer"})
+
+    mergeable = True
+
+
+class BiasDelta(DeltaPiece):
+    mergeable = True
+
+    def __init__(self, size: int, like: torch.Tensor):
+        super().__init__()
+        self.bias = nn.Parameter(torch.zeros(size, dtype=like.dtype, device=like.device))
+
+    def forward(self, x, out, base_layer):
+        return out + self.bias
+
+    def merge_deltas(self, base_layer):
+        return {"bias": self.bias.detach()}
+
+
+def _out_features(mod):
+    if isinstance(mod, Conv1D):
+        return mod.weight.shape[1]
+    return mod.weight.shape[0]
+
+
+def build(model: nn.Module, config: BitFitConfig) -> dict[str, DeltaPiece]:
+    heads = output_head_names(model)
+    named = dict(model.named_modules())
+    if config.targets is not None:
+        paths = find_targets(model, config.targets, types=None)
+    else:
+        paths = [p for p in named if p and not any(p == h or p.startswith(h + ".") for h in heads)]
+    pieces = {}
+    for path in paths:
+        mod = getattr(named[path], "base_layer", named[path])
+        bias = getattr(mod, "bias", None)
+        if isinstance(bias, nn.Parameter):
+            pieces[path] = BiasDelta(bias.shape[0], bias)
+        elif config.add_missing and isinstance(mod, LINEAR_TYPES) and "bias" in mod._parameters:
+            pieces[path] = BiasDelta(_out_features(mod), mod.weight)
+    if not pieces:
+        raise ConfigError(
+            f"{type(model).__name__} has no bias terms in the targeted modules, so BitFit has nothing to train. "
+            "Pass BitFitConfig(add_missing=True) to add zero-initialised biases to its linear layers, "
+            "or choose another method (e.g. LoRA).")
+    return pieces
+
+
+register("bitfit", BitFitConfig, build)

@@ -1,0 +1,179 @@
+"""LoRA (Hu et al. 2021): h = W0 x + (alpha/r) B A x, B zero-initialised.
+
+Also rsLoRA (scale alpha/sqrt(r)) and DoRA (Liu et al. 2024: a learned
+magnitude times the direction of W0 + BA). Linear, GPT-2 Conv1D and
+Embedding targets. Files are PEFT's LoRA format."""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from ..core.config import DeltaConfig
+from ..core.errors import ConfigError
+from ..core.layer import DeltaPiece
+from ..core.registry import register
+from ..core.targets import find_targets
+
+
+@dataclass
+class LoRAConfig(DeltaConfig):
+    r: int = field(default=8, metadata={"help": "rank of the update B A"})
+    alpha: float = field(default=16, metadata={"help": "scale numerator: the update is (alpha/r) B A"})
+    dropout: float = field(default=0.0, metadata={"help": "dropout on the LoRA branch's input"})
+    targets: list[str] | str = field(default="all-linear", metadata={
+        "help": "module-name suffixes, a regex on the full path, or 'all-linear' (all but the output head)"})
+    layers: list[int] | None = field(default=None, metadata={"help": "only these layer indices"})
+    rank_pattern: dict[str, int] | None = field(default=None, metadata={"help": "{module regex: rank}"})
+    alpha_pattern: dict[str, float] | None = field(default=None, metadata={"help": "{module regex: alpha}"})
+    use_rslora: bool = field(default=False, metadata={"help": "scale alpha/sqrt(r) (Kalajdzievski 2023)"})
+    use_dora: bool = field(default=False, metadata={"help": "weight-decomposed LoRA (Liu et al. 2024)"})
+
+    mergeable = True
+
+    def __post_init__(self):
+        if int(self.r) < 1:
+            raise ConfigError(f"LoRA rank r must be >= 1, got {self.r}.")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"LoRA dropout must be in [0, 1), got {self.dropout}.")
+
+    def for_module(self, path: str) -> tuple[int, float]:
+        r = _pattern_value(self.rank_pattern, path, self.r)
+        alpha = _pattern_value(self.alpha_pattern, path, self.alpha)
+        return int(r), (alpha / math.sqrt(r) if self.use_rslora else alpha / r)
+
+    # -- PEFT's adapter_config.json ------------------------------------------
+    def to_file_dict(self) -> dict:
+        return {
+            "peft_type": "LORA", "task_type": None, "inference_mode": True, "bias": "none",
+            "r": self.r, "lora_alpha": self.alpha, "lora_dropout": self.dropout,
+            "target_modules": self.targets, "layers_to_transform": self.layers,
+            "rank_pattern": self.rank_pattern or {}, "alpha_pattern": self.alpha_pattern or {},
+            "use_rslora": self.use_rslora, "use_dora": self.use_dora, "modules_to_save": self.modules_to_save,
+            "fan_in_fan_out": False, "init_lora_weights": True,
+        }
+
+    @classmethod
+    def from_peft(cls, d: dict) -> "LoRAConfig":
+        if d.get("bias", "none") != "none":
+            raise ConfigError(f"PEFT LoRA with bias={d['bias']!r} is not supported; only bias='none'.")
+        for key in ("use_qalora", "use_bdlora", "target_parameters", "layer_replication", "trainable_token_indices"):
+            if d.get(key):
+                raise ConfigError(f"PEFT LoRA option {key}={d[key]!r} is not supported by deltatune.")
+        targets = d.get("target_modules")
+        return cls(r=d.get("r", 8), alpha=d.get("lora_alpha", 8), dropout=d.get("lora_dropout", 0.0),
+                   targets=targets if isinstance(targets, str) else list(targets or []),
+                   layers=d.get("layers_to_transform"), rank_pattern=d.get("rank_pattern") or None,
+                   alpha_pattern=d.get("alpha_pattern") or None, use_rslora=d.get("use_rslora", False),
+                   use_dora=d.get("use_dora", False), modules_to_save=d.get("modules_to_save"))
+
+
+def _pattern_value(pattern, path, default):
+    # PEFT's rule: the key matches the end of the module path
+    for key, value in (pattern or {}).items():
+        if re.match(rf"(.*\.)?({key})$", path):
+            return value
+    return default
+
+
+class LoRALinear(DeltaPiece):
+    """LoRA on an nn.Linear or a GPT-2 Conv1D (weight stored transposed)."""
+
+    mergeable = True
+
+    def __init__(self, base_layer, r, scale, dropout=0.0, use_dora=False):
+        super().__init__()
+        self.fan_in_fan_out = isinstance(base_layer, Conv1D)
+        out_f, in_f = self._weight(base_layer).shape
+        self.lora_A = nn.Linear(in_f, r, bias=False)
+        self.lora_B = nn.Linear(r, out_f, bias=False)
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B.weight)
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.scale = scale
+        self.use_dora = use_dora
+        if use_dora:
+            with torch.no_grad():
+                norm = torch.linalg.norm(self._weight(base_layer).float(), dim=1)
+            self.lora_magnitude_vector = nn.Parameter(norm.to(self._weight(base_layer).dtype))
+
+    def _weight(self, base_layer):
+        w = base_layer.weight
+        return w.T if self.fan_in_fan_out else w
+
+    def update(self):
+        return self.lora_B.weight @ self.lora_A.weight * self.scale
+
+    def forward(self, x, out, base_layer):
+        xd = self.lora_dropout(x.to(self.lora_A.weight.dtype))
+        lora = self.lora_B(self.lora_A(xd)) * self.scale
+        if not self.use_dora:
+            return out + lora.to(out.dtype)
+        weight = self._weight(base_layer)
+        norm = torch.linalg.norm(weight + self.update().detach().to(weight.dtype), dim=1).detach()
+        mscale = (self.lora_magnitude_vector / norm).view(1, -1)
+        if isinstance(self.lora_dropout, nn.Identity) or not self.training:
+            base = out if base_layer.bias is None else out - base_layer.bias
+        else:
+            base = F.linear(xd, weight)
+        return out + ((mscale - 1) * base + mscale * lora).to(out.dtype)
+
+    def merge_deltas(self, base_layer):
+        weight = self._weight(base_layer)
+        delta = self.update().to(weight.dtype)
+        if self.use_dora:
+            new = weight + delta
+            new = (self.lora_magnitude_vector / torch.linalg.norm(new, dim=1)).view(-1, 1) * new
+            delta = new - weight
+        return {"weight": delta.T if self.fan_in_fan_out else delta}
+
+
+class LoRAEmbedding(DeltaPiece):
+    """LoRA on an nn.Embedding: A is looked up by token id, then projected by B."""
+
+    mergeable = True
+
+    def __init__(self, base_layer: nn.Embedding, r, scale, tied=False):
+        super().__init__()
+        self.tied = tied  # the weight is shared with the LM head: merging would change the head too
+        self.lora_embedding_A = nn.Parameter(torch.zeros(r, base_layer.num_embeddings))
+        self.lora_embedding_B = nn.Parameter(torch.randn(base_layer.embedding_dim, r))
+        self.scale = scale
+
+    def forward(self, x, out, base_layer):
+        after_a = F.embedding(x, self.lora_embedding_A.T, padding_idx=base_layer.padding_idx,
+                              max_norm=base_layer.max_norm, norm_type=base_layer.norm_type,
+                              scale_grad_by_freq=base_layer.scale_grad_by_freq, sparse=base_layer.sparse)
+        return out + (after_a @ self.lora_embedding_B.T * self.scale).to(out.dtype)
+
+    def merge_deltas(self, base_layer):
+        if self.tied:
+            raise ConfigError("This LoRA targets an embedding whose weight is tied to the output head; merging "
+                              "it would change the head too. Keep it unmerged, or untie the weights first.")
+        return {"weight": (self.lora_embedding_B @ self.lora_embedding_A).T * self.scale}
+
+
+def build(model: nn.Module, config: LoRAConfig) -> dict[str, DeltaPiece]:
+    pieces = {}
+    for path in find_targets(model, config.targets, config.layers, types=(nn.Linear, Conv1D, nn.Embedding)):
+        base = model.get_submodule(path)
+        base = getattr(base, "base_layer", base)
+        r, scale = config.for_module(path)
+        if isinstance(base, nn.Embedding):
+            if config.use_dora:
+                raise ConfigError(f"DoRA is supported on Linear and Conv1D targets, not on the embedding {path!r}.")
+            out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+            pieces[path] = LoRAEmbedding(base, r, scale, tied=out is not None and out.weight is base.weight)
+        else:
+            pieces[path] = LoRALinear(base, r, scale, config.dropout, config.use_dora)
+        ref = base.weight
+        pieces[path].to(dtype=ref.dtype if ref.is_floating_point() else torch.float32)
+    return pieces
+
+
+register("lora", LoRAConfig, build, peft_type="LORA")

@@ -1,0 +1,64 @@
+"""Full and lightweight (partial) fine-tuning as deltas.
+
+Both train copies of base modules (the base stays untouched, so the delta can
+be disabled or swapped); saving writes the copies' full weights.
+`PartialConfig(last_k_layers=1)` is Donahue-style top-layer tuning."""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from torch import nn
+
+from ..core.config import DeltaConfig
+from ..core.copy import TrainableCopy
+from ..core.errors import ConfigError
+from ..core.registry import register
+from ..core.targets import find_targets
+
+_LAYER_LIST = re.compile(r"^(.*\.)?(layers?|h|block|blocks)$")
+
+
+def layer_stacks(model: nn.Module) -> list[tuple[str, nn.ModuleList]]:
+    """(path, ModuleList) of the transformer layer stacks (an encoder-decoder has two)."""
+    return [(p, m) for p, m in model.named_modules()
+            if isinstance(m, nn.ModuleList) and _LAYER_LIST.match(p) and len(m) > 0]
+
+
+@dataclass
+class PartialConfig(DeltaConfig):
+    targets: list[str] | str | None = field(default=None, metadata={
+        "help": "modules to train whole (suffixes or regex), e.g. ['classifier', 'LayerNorm']"})
+    last_k_layers: int = field(default=0, metadata={"help": "also train the top k transformer layers"})
+
+    def __post_init__(self):
+        if self.last_k_layers < 0:
+            raise ConfigError(f"last_k_layers must be >= 0, got {self.last_k_layers}.")
+
+
+@dataclass
+class FullConfig(DeltaConfig):
+    """Every parameter trains (in a copy of the model's modules)."""
+
+
+def build_partial(model: nn.Module, config: PartialConfig):
+    paths = list(find_targets(model, config.targets, types=None)) if config.targets else []
+    for stack_path, stack in layer_stacks(model):
+        k = min(config.last_k_layers, len(stack))
+        paths += [f"{stack_path}.{i}" for i in range(len(stack) - k, len(stack))]
+    # a module inside another trained module is already covered
+    paths = [p for p in dict.fromkeys(paths) if not any(p.startswith(q + ".") for q in paths)]
+    if not paths and not config.modules_to_save:
+        raise ConfigError("PartialConfig selects nothing to train: give targets=[...] or last_k_layers=k.")
+    return {p: TrainableCopy(model.get_submodule(p)) for p in paths}
+
+
+def build_full(model: nn.Module, config: FullConfig):
+    # copy all top-level children with one memo so tied weights (embeddings / LM head) stay tied
+    memo: dict = {}
+    return {name: TrainableCopy(child, memo) for name, child in model.named_children()
+            if any(True for _ in child.parameters())}
+
+
+register("partial", PartialConfig, build_partial)
+register("full", FullConfig, build_full)

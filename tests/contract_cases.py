@@ -1,0 +1,19 @@
+"""Every registered method's contract cases: name -> (config factory, what it promises).
+
+A method's issue adds its entries here; test_contract.py crosses them with every
+architecture in tiny.BUILDERS. Promises:
+  identity_at_init  outputs equal the base model right after attach
+  mergeable         merge()/unmerge() are exact and merge keeps the outputs
+  archs             architectures it applies to (default: all)
+"""
+import deltatune as dt
+
+CASES = {
+    "lora": dict(make=lambda: dt.LoRAConfig(r=4, alpha=8), identity_at_init=True, mergeable=True),
+    "lora_dora": dict(make=lambda: dt.LoRAConfig(r=4, use_dora=True), identity_at_init=True, mergeable=True),
+    "lora_rslora_embed": dict(make=lambda: dt.LoRAConfig(r=4, use_rslora=True, targets=r".*(embed_tokens|wte|shared|word_embeddings|q_proj|c_attn|query|\.q)"),
+                              identity_at_init=True, mergeable=True, archs=["llama", "llama_cls", "bert"]),
+    "bitfit": dict(make=lambda: dt.BitFitConfig(add_missing=True), identity_at_init=True, mergeable=True),
+    "partial": dict(make=lambda: dt.PartialConfig(last_k_layers=1), identity_at_init=True, mergeable=False),
+    "full": dict(make=lambda: dt.FullConfig(), identity_at_init=True, mergeable=False),
+}

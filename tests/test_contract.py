@@ -1,0 +1,86 @@
+"""The shared contract, crossed over every registered method and architecture."""
+import pytest
+import torch
+
+import deltatune as dt
+from contract_cases import CASES
+from tiny import BUILDERS, batch, logits
+
+GRID = [(m, a) for m, case in CASES.items() for a in case.get("archs", BUILDERS)]
+
+
+def _perturb(model, name, seed=0):
+    """Give the delta non-zero values, as training would."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.delta_parameters(name):
+            if p.is_floating_point():
+                p.add_(torch.randn(p.shape, generator=g).to(p.dtype) * 0.1)
+
+
+@pytest.mark.parametrize("method,arch", GRID)
+def test_contract(method, arch, tmp_path):
+    case = CASES[method]
+    base = BUILDERS[arch]()
+    b = batch(arch)
+    ref = logits(base, b)
+    model = dt.attach(base, case["make"]())
+    if case.get("identity_at_init"):
+        torch.testing.assert_close(logits(model, b), ref)
+
+    # one backward step changes only delta parameters
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert trainable and all(id(p) in {id(q) for q in model.delta_parameters("default")} for p in trainable)
+    model.train()
+    out = model(**b)
+    out.logits.float().pow(2).mean().backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in trainable)
+    torch.optim.SGD(trainable, lr=0.1).step()
+    model.eval()
+    for n, p in model.named_parameters():
+        if n in frozen:
+            torch.testing.assert_close(p, frozen[n], rtol=0, atol=0, msg=f"frozen {n} changed")
+    _perturb(model, "default")
+    tuned = logits(model, b)
+    assert not torch.allclose(tuned, ref), "the trained delta must change the outputs"
+
+    with model.disabled():
+        torch.testing.assert_close(logits(model, b), ref)
+    torch.testing.assert_close(logits(model, b), tuned)
+
+    # save -> load into a fresh copy of the base gives identical outputs
+    model.save_pretrained(tmp_path)
+    loaded = dt.DeltaModel.from_pretrained(BUILDERS[arch](), tmp_path)
+    torch.testing.assert_close(logits(loaded, b), tuned)
+    assert loaded.trainable_summary()["trainable"] == 0
+
+    if case.get("mergeable"):
+        weights = {n: p.detach().clone() for n, p in model.base_model.named_parameters()}
+        model.merge(); model.merge()  # idempotent
+        torch.testing.assert_close(logits(model, b), tuned, atol=1e-5, rtol=1e-4)
+        with model.disabled():
+            torch.testing.assert_close(logits(model, b), ref)
+        model.unmerge(); model.unmerge()
+        for n, p in model.base_model.named_parameters():
+            if n in weights:
+                assert torch.equal(p, weights[n]), f"unmerge is not exact for {n}"
+        torch.testing.assert_close(logits(model, b), tuned)
+
+    plain = model.merge_and_unload()
+    assert not any(isinstance(m, dt.DeltaLayer) for m in plain.modules())
+    torch.testing.assert_close(logits(plain, b), tuned, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("method", list(CASES))
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "t5"])
+def test_generate(method, arch):
+    if arch not in CASES[method].get("archs", BUILDERS):
+        pytest.skip("method does not apply to this architecture")
+    model = dt.attach(BUILDERS[arch](), CASES[method]["make"]())
+    _perturb(model, "default")
+    ids = batch(arch)["input_ids"][:1]
+    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False)
+    plain_ids = model.merge_and_unload().generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                                                  max_new_tokens=4, do_sample=False)
+    assert torch.equal(out, plain_ids)

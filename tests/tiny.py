@@ -1,0 +1,58 @@
+"""Tiny random models built from configs: no downloads."""
+import torch
+from transformers import (BertConfig, BertForSequenceClassification, GPT2Config, GPT2LMHeadModel, LlamaConfig,
+                          LlamaForCausalLM, LlamaForSequenceClassification, T5Config, T5ForConditionalGeneration)
+
+VOCAB = 128
+
+
+def llama(seed=0, cls=LlamaForCausalLM, **kw):
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, intermediate_size=64, max_position_embeddings=128,
+                      pad_token_id=0, bos_token_id=1, eos_token_id=2, **kw)
+    return cls(cfg).eval()
+
+
+def llama_cls(seed=0):
+    return llama(seed, LlamaForSequenceClassification, num_labels=3)
+
+
+def gpt2(seed=0):
+    torch.manual_seed(seed)
+    cfg = GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=128,
+                     bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    return GPT2LMHeadModel(cfg).eval()
+
+
+def bert(seed=0):
+    torch.manual_seed(seed)
+    cfg = BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                     intermediate_size=64, max_position_embeddings=128, num_labels=2, pad_token_id=0)
+    return BertForSequenceClassification(cfg).eval()
+
+
+def t5(seed=0):
+    torch.manual_seed(seed)
+    cfg = T5Config(vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2,
+                   num_heads=4, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
+    return T5ForConditionalGeneration(cfg).eval()
+
+
+BUILDERS = {"llama": llama, "llama_cls": llama_cls, "gpt2": gpt2, "bert": bert, "t5": t5}
+
+
+def batch(name, n=2, length=7, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, VOCAB, (n, length), generator=g)
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0  # some padding
+    b = {"input_ids": ids, "attention_mask": mask}
+    if name == "t5":
+        b["decoder_input_ids"] = torch.randint(3, VOCAB, (n, 4), generator=g)
+    return b
+
+
+def logits(model, b):
+    with torch.no_grad():
+        return model(**b).logits
