@@ -73,8 +73,8 @@ class DeltaModel(nn.Module):
             raise ConfigError(f"Delta name {name!r} must be non-empty and contain no '.'.")
         pieces = dict(method_of(config).build(self.base_model, config))
         heads = default_heads(self.base_model) if config.modules_to_save is None else config.modules_to_save
-        for target in heads:
-            for path in find_targets(self.base_model, [target], types=None):
+        if heads:  # like PEFT, a listed name may be absent (["classifier", "score"]) but not all of them
+            for path in find_targets(self.base_model, list(heads), types=None):
                 if not any(path == q or path.startswith(q + ".") for q in pieces if q):
                     pieces[path] = TrainableCopy(self._unwrap(path))
         for path, piece in pieces.items():
@@ -190,9 +190,13 @@ class DeltaModel(nn.Module):
                 raise ConfigError(f"Delta {n!r} ({self.configs[n].method}) adds modules or inputs, not weight "
                                   "changes, so it cannot be merged into the weights; keep it attached.")
         for n in names:
-            for _, layer in self.delta_layers():
-                if n in layer.deltas and not layer.deltas[n].replaces_base:
-                    layer.merge(n)
+            try:
+                for _, layer in self.delta_layers():
+                    if n in layer.deltas and not layer.deltas[n].replaces_base:
+                        layer.merge(n)
+            except Exception:
+                self.unmerge([n])  # all or nothing
+                raise
 
     def unmerge(self, names=None) -> None:
         names = list(self.configs) if names is None else self._names(names)

@@ -18,13 +18,33 @@ def layer_index(path: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
+def named_base_modules(model: nn.Module):
+    """(path, module) of the base model as if no delta were attached: a wrapper is
+    seen as the module it wraps, and the deltas' own modules are not seen."""
+    from .layer import DeltaLayer
+
+    def walk(mod, prefix):
+        if isinstance(mod, DeltaLayer):
+            mod = mod.base_layer
+        yield prefix, mod
+        for name, child in mod._modules.items():
+            if child is not None:
+                yield from walk(child, f"{prefix}.{name}" if prefix else name)
+
+    seen = set()
+    for path, mod in walk(model, ""):
+        if id(mod) not in seen:
+            seen.add(id(mod))
+            yield path, mod
+
+
 def output_head_names(model: nn.Module) -> set[str]:
     """Paths of the output head(s): the output embeddings and common task heads."""
     names = set()
     get_out = getattr(model, "get_output_embeddings", None)
     out = get_out() if callable(get_out) else None
-    for path, mod in model.named_modules():
-        if out is not None and mod is out:
+    for path, mod in named_base_modules(model):
+        if out is not None and (mod is out or getattr(out, "base_layer", None) is mod):
             names.add(path)
         if path.split(".")[-1] in {"lm_head", "score", "classifier", "qa_outputs", "cls"}:
             names.add(path)
@@ -44,7 +64,7 @@ def find_targets(model: nn.Module, targets, layers=None, types=LINEAR_TYPES) -> 
     string matched against the full path, or "all-linear" (every Linear/Conv1D
     outside the output head). `layers` keeps only modules in those layer indices.
     """
-    named = dict(model.named_modules())
+    named = dict(named_base_modules(model))
     if targets == "all-linear":
         heads = output_head_names(model)
         found = [p for p, m in named.items()
@@ -53,9 +73,9 @@ def find_targets(model: nn.Module, targets, layers=None, types=LINEAR_TYPES) -> 
         if isinstance(targets, str) and targets in named:
             targets = [targets]
         found = [p for p in named if p and _matches(p, targets)]
-        wrong = [p for p in found if types and not isinstance(_unwrapped(named[p]), types)]
+        wrong = [p for p in found if types and not isinstance(named[p], types)]
         if wrong and len(wrong) == len(found):
-            kinds = sorted({type(_unwrapped(named[p])).__name__ for p in wrong})
+            kinds = sorted({type(named[p]).__name__ for p in wrong})
             raise TargetNotFoundError(
                 f"Targets {targets!r} matched only modules of type {', '.join(kinds)} "
                 f"(e.g. {wrong[0]!r}); this method applies to {', '.join(t.__name__ for t in types)}.")
@@ -68,13 +88,9 @@ def find_targets(model: nn.Module, targets, layers=None, types=LINEAR_TYPES) -> 
     return found
 
 
-def _unwrapped(mod):
-    return getattr(mod, "base_layer", mod)
-
-
 def _not_found_message(model, targets, layers, types) -> str:
-    leafs = sorted({p.split(".")[-1] for p, m in model.named_modules()
-                    if p and isinstance(_unwrapped(m), types or (nn.Module,))})
+    leafs = sorted({p.split(".")[-1] for p, m in named_base_modules(model)
+                    if p and isinstance(m, types or (nn.Module,))})
     wanted = [targets] if isinstance(targets, str) else list(targets)
     near = sorted({c for t in wanted for c in closest(str(t).split(".")[-1], leafs)})
     hint = f" Close module names: {', '.join(near)}." if near else ""

@@ -15,7 +15,7 @@ from ..core.config import DeltaConfig
 from ..core.errors import ConfigError
 from ..core.layer import DeltaPiece
 from ..core.registry import register
-from ..core.targets import LINEAR_TYPES, find_targets, output_head_names
+from ..core.targets import LINEAR_TYPES, find_targets, named_base_modules, output_head_names
 
 
 @dataclass
@@ -50,14 +50,14 @@ def _out_features(mod):
 
 def build(model: nn.Module, config: BitFitConfig) -> dict[str, DeltaPiece]:
     heads = output_head_names(model)
-    named = dict(model.named_modules())
+    named = dict(named_base_modules(model))
     if config.targets is not None:
         paths = find_targets(model, config.targets, types=None)
     else:
         paths = [p for p in named if p and not any(p == h or p.startswith(h + ".") for h in heads)]
     pieces = {}
     for path in paths:
-        mod = getattr(named[path], "base_layer", named[path])
+        mod = named[path]
         bias = getattr(mod, "bias", None)
         if isinstance(bias, nn.Parameter):
             pieces[path] = BiasDelta(bias.shape[0], bias)

@@ -16,7 +16,7 @@ from transformers.pytorch_utils import Conv1D
 
 from ..core.config import DeltaConfig
 from ..core.errors import ConfigError
-from ..core.layer import DeltaPiece
+from ..core.layer import DeltaLayer, DeltaPiece
 from ..core.registry import register
 from ..core.targets import find_targets
 
@@ -162,7 +162,7 @@ def build(model: nn.Module, config: LoRAConfig) -> dict[str, DeltaPiece]:
     pieces = {}
     for path in find_targets(model, config.targets, config.layers, types=(nn.Linear, Conv1D, nn.Embedding)):
         base = model.get_submodule(path)
-        base = getattr(base, "base_layer", base)
+        base = base.base_layer if isinstance(base, DeltaLayer) else base
         r, scale = config.for_module(path)
         if isinstance(base, nn.Embedding):
             if config.use_dora:

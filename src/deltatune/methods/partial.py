@@ -14,14 +14,14 @@ from ..core.config import DeltaConfig
 from ..core.copy import TrainableCopy
 from ..core.errors import ConfigError
 from ..core.registry import register
-from ..core.targets import find_targets
+from ..core.targets import find_targets, named_base_modules
 
 _LAYER_LIST = re.compile(r"^(.*\.)?(layers?|h|block|blocks)$")
 
 
 def layer_stacks(model: nn.Module) -> list[tuple[str, nn.ModuleList]]:
     """(path, ModuleList) of the transformer layer stacks (an encoder-decoder has two)."""
-    return [(p, m) for p, m in model.named_modules()
+    return [(p, m) for p, m in named_base_modules(model)
             if isinstance(m, nn.ModuleList) and _LAYER_LIST.match(p) and len(m) > 0]
 
 
@@ -50,7 +50,8 @@ def build_partial(model: nn.Module, config: PartialConfig):
     paths = [p for p in dict.fromkeys(paths) if not any(p.startswith(q + ".") for q in paths)]
     if not paths and not config.modules_to_save:
         raise ConfigError("PartialConfig selects nothing to train: give targets=[...] or last_k_layers=k.")
-    return {p: TrainableCopy(model.get_submodule(p)) for p in paths}
+    named = dict(named_base_modules(model))
+    return {p: TrainableCopy(named[p]) for p in paths}
 
 
 def build_full(model: nn.Module, config: FullConfig):
