@@ -8,6 +8,7 @@ from .core.registry import method_names, register
 from .methods.bitfit import BitFitConfig
 from .methods.lora import LoRAConfig
 from .methods.partial import FullConfig, PartialConfig
+from . import data, train  # noqa: E402  (dt.data.sms_spam, dt.train.Trainer)
 
 __version__ = "0.1.0"
 

@@ -28,7 +28,7 @@ def load_minilm_classifier(num_labels: int = 2):
     return model, AutoTokenizer.from_pretrained(path)
 
 
-def run_demo(output_dir: str = "outputs/demo", epochs: float = 3, seed: int = 0, max_train: int = 0,
+def run_demo(output_dir: str = "outputs/demo", epochs: float = 1, seed: int = 0, max_train: int = 0,
              progress: bool = True) -> dict:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.manual_seed(seed)
