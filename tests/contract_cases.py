@@ -5,6 +5,7 @@ architecture in tiny.BUILDERS. Promises:
   identity_at_init  outputs equal the base model right after attach
   mergeable         merge()/unmerge() are exact and merge keeps the outputs
   archs             architectures it applies to (default: all)
+  unloadable        merge_and_unload() gives a plain model (default True; False for inserted modules)
 """
 import deltatune as dt
 
@@ -16,4 +17,12 @@ CASES = {
     "bitfit": dict(make=lambda: dt.BitFitConfig(add_missing=True), identity_at_init=True, mergeable=True),
     "partial": dict(make=lambda: dt.PartialConfig(last_k_layers=1), identity_at_init=True, mergeable=False),
     "full": dict(make=lambda: dt.FullConfig(), identity_at_init=True, mergeable=False),
+    "adapter_houlsby": dict(make=lambda: dt.AdapterConfig(kind="houlsby", bottleneck=8), identity_at_init=True,
+                            mergeable=False, unloadable=False),
+    "adapter_pfeiffer_inv": dict(make=lambda: dt.AdapterConfig(kind="pfeiffer", reduction_factor=4, invertible=True,
+                                                               non_linearity="gelu"),
+                                 identity_at_init=True, mergeable=False, unloadable=False),
+    "adapter_parallel": dict(make=lambda: dt.AdapterConfig(kind="parallel", placement="both", bottleneck=8,
+                                                           scaling="learned"),
+                             identity_at_init=True, mergeable=False, unloadable=False),
 }

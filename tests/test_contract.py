@@ -67,6 +67,10 @@ def test_contract(method, arch, tmp_path):
                 assert torch.equal(p, weights[n]), f"unmerge is not exact for {n}"
         torch.testing.assert_close(logits(model, b), tuned)
 
+    if not case.get("unloadable", True):  # inserted modules / prompts: no plain model to fold them into
+        with pytest.raises(dt.ConfigError):
+            model.merge_and_unload()
+        return
     plain = model.merge_and_unload()
     assert not any(isinstance(m, dt.DeltaLayer) for m in plain.modules())
     torch.testing.assert_close(logits(plain, b), tuned, atol=1e-5, rtol=1e-4)
@@ -81,6 +85,18 @@ def test_generate(method, arch):
     _perturb(model, "default")
     ids = batch(arch)["input_ids"][:1]
     out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False)
+    if not CASES[method].get("unloadable", True):  # reference: greedy decoding by full forwards
+        assert torch.equal(out, _greedy(model, ids, 4, arch))
+        return
     plain_ids = model.merge_and_unload().generate(input_ids=ids, attention_mask=torch.ones_like(ids),
                                                   max_new_tokens=4, do_sample=False)
     assert torch.equal(out, plain_ids)
+
+
+def _greedy(model, ids, n, arch):
+    seq = torch.zeros_like(ids[:, :1]) if arch == "t5" else ids  # T5 starts at decoder_start_token_id = 0
+    with torch.no_grad():
+        for _ in range(n):
+            kw = dict(input_ids=ids, decoder_input_ids=seq) if arch == "t5" else dict(input_ids=seq)
+            seq = torch.cat([seq, model(**kw).logits[:, -1:].argmax(-1)], dim=1)
+    return seq

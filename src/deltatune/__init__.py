@@ -8,6 +8,9 @@ from .core.registry import method_names, register
 from .methods.bitfit import BitFitConfig
 from .methods.lora import LoRAConfig
 from .methods.partial import FullConfig, PartialConfig
+from .methods.adapters import AdapterConfig, FusionConfig
+from .compose import (EMA, Average, Ensemble, Fuse, Snapshots, Stack, average_deltas,  # noqa: E402
+                      copy_delta)
 from . import data, train  # noqa: E402  (dt.data.sms_spam, dt.train.Trainer)
 
 __version__ = "0.1.0"
@@ -16,6 +19,8 @@ __all__ = [
     "attach", "DeltaModel", "DeltaConfig", "config_from_dict", "register", "method_names",
     "DeltaLayer", "DeltaPiece", "ModelPiece",
     "LoRAConfig", "BitFitConfig", "PartialConfig", "FullConfig",
+    "AdapterConfig", "FusionConfig", "Stack", "Fuse", "Average", "average_deltas", "copy_delta", "EMA",
+    "Snapshots", "Ensemble",
     "DeltaError", "ConfigError", "CorruptFileError", "IncompatibleDeltaError", "TargetNotFoundError",
     "UnknownMethodError",
 ]

@@ -25,11 +25,13 @@ class Trainer:
     """Trains the trainable parameters of a DeltaModel (or any nn.Module).
 
     loss_fn(model, batch) -> scalar loss; eval_fn(model, batches) -> metrics dict
-    (default: classification accuracy / macro-F1 from logits and labels)."""
+    (default: classification accuracy / macro-F1 from logits and labels).
+    callbacks: functions called as cb(trainer, step) after each optimizer step (e.g. dt.EMA)."""
 
     def __init__(self, model, config: TrainConfig, train_data, eval_data=None, collate_fn=None,
-                 loss_fn: Callable = default_loss, eval_fn: Callable | None = None):
+                 loss_fn: Callable = default_loss, eval_fn: Callable | None = None, callbacks=()):
         self.model, self.config = model, config
+        self.callbacks = list(callbacks)
         self.train_data, self.eval_data = train_data, eval_data
         self.collate_fn, self.loss_fn = collate_fn, loss_fn
         self.eval_fn = eval_fn or evaluate_classification
@@ -93,6 +95,8 @@ class Trainer:
                     torch.nn.utils.clip_grad_norm_(params, c.max_grad_norm)
                 opt.step(); sched.step(); opt.zero_grad(set_to_none=True)
                 step += 1
+                for cb in self.callbacks:
+                    cb(self, step)
                 bar.update(1)
                 bar.set_postfix(loss=f"{running:.4f}", lr=f"{sched.get_last_lr()[0]:.2e}")
                 if step % c.log_every == 0:
