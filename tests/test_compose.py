@@ -1,0 +1,293 @@
+"""Composition of deltas: Stack (MAD-X), Fuse (AdapterFusion), Average, soups, EMA, snapshots, ensembles."""
+import pytest
+import torch
+
+import deltatune as dt
+from deltatune.train import Trainer, TrainConfig
+from tiny import batch, bert, llama, logits
+
+
+def _perturb(model, name, seed=0, scale=0.1):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.delta_parameters(name):
+            p.add_(torch.randn(p.shape, generator=g) * scale)
+
+
+def _two_adapters(kind="houlsby", seeds=(0, 1)):
+    # no task-head copies, so that every setup below reads the same (base) head
+    model = dt.attach(bert(), dt.AdapterConfig(kind=kind, bottleneck=6, modules_to_save=[]), name="lang")
+    model.add_delta("task", dt.AdapterConfig(kind=kind, bottleneck=6, modules_to_save=[]))
+    _perturb(model, "lang", seeds[0]); _perturb(model, "task", seeds[1])
+    return model
+
+
+# -- Stack ----------------------------------------------------------------------------
+def test_stack_applies_in_order_exactly():
+    model = _two_adapters()
+    path = "bert.encoder.layer.0.output.dense"
+    layer = model.base_model.get_submodule(path)
+    lang, task = model.pieces_of("lang")[path], model.pieces_of("task")[path]
+    x = torch.randn(2, 5, 64)
+    with torch.no_grad():
+        base = layer.base_layer(x)
+        for order, first, second in [(("lang", "task"), lang, task), (("task", "lang"), task, lang)]:
+            model.set_active(dt.Stack(*order))
+            mid = base + first.delta(x, base)
+            torch.testing.assert_close(layer(x), mid + second.delta(x, mid), rtol=0, atol=0)
+    b = batch("bert")
+    model.set_active(dt.Stack("lang", "task")); lt = logits(model, b)
+    model.set_active(dt.Stack("task", "lang")); tl = logits(model, b)
+    assert not torch.allclose(lt, tl), "stack order must matter"
+    model.set_active(["lang", "task"])
+    torch.testing.assert_close(logits(model, b), lt)  # a list applies its pieces in the same order
+
+
+def test_madx_train_task_on_frozen_language_adapter_then_swap():
+    b = batch("bert")
+    b["labels"] = torch.tensor([0, 1])
+    model = dt.attach(bert(), dt.AdapterConfig(kind="pfeiffer", invertible=True, bottleneck=6), name="en")
+    model.add_delta("de", dt.AdapterConfig(kind="pfeiffer", invertible=True, bottleneck=6), trainable=False)
+    model.add_delta("task", dt.AdapterConfig(kind="pfeiffer", bottleneck=6))
+    model.set_trainable("en", False)
+    _perturb(model, "en", 0); _perturb(model, "de", 1)
+    model.set_active(dt.Stack("en", "task"))
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert {id(p) for p in trainable} == {id(p) for p in model.delta_parameters("task")}
+    model.train()
+    opt = torch.optim.SGD(trainable, lr=0.5)
+    for _ in range(3):
+        model(**b).loss.backward(); opt.step(); opt.zero_grad()
+    model.eval()
+    for n, p in model.named_parameters():
+        if n in frozen:
+            assert torch.equal(p, frozen[n]), n
+    with torch.no_grad():
+        en = model(**b).logits
+        model.set_active(dt.Stack("de", "task")); de = model(**b).logits  # zero-shot transfer: swap the language
+        model.set_active(["de", "task"]); de_list = model(**b).logits
+    assert not torch.allclose(en, de)
+    torch.testing.assert_close(de, de_list)
+
+
+def test_stack_with_lora_and_adapter():
+    b = batch("llama")
+    model = dt.attach(llama(), dt.LoRAConfig(r=2, targets=["o_proj"]), name="lora")
+    model.add_delta("ad", dt.AdapterConfig(kind="houlsby", bottleneck=4))
+    _perturb(model, "lora"); _perturb(model, "ad", 1)
+    model.set_active(["lora", "ad"]); want = logits(model, b)
+    model.set_active(dt.Stack("lora", "ad"))
+    torch.testing.assert_close(logits(model, b), want)
+
+
+# -- Fuse -----------------------------------------------------------------------------
+def test_fusion_matches_attention_formula():
+    model = _two_adapters()
+    model.add_delta("fz", dt.FusionConfig(adapters=["lang", "task"], temperature=2.0))
+    _perturb(model, "fz", 3, scale=0.3)
+    model.set_active(dt.Fuse("lang", "task", fusion="fz"))
+    path = "bert.encoder.layer.1.attention.output.dense"
+    layer = model.base_model.get_submodule(path)
+    f = model.pieces_of("fz")[path]
+    x = torch.randn(2, 5, 32)
+    with torch.no_grad():
+        out = layer.base_layer(x)
+        d = [model.pieces_of(n)[path].delta(x, out) for n in ("lang", "task")]
+        q = out @ f.query.weight.T + f.query.bias
+        scores = torch.stack([((dn @ f.key.weight.T + f.key.bias) * q).sum(-1) for dn in d], -1) / 2.0
+        p = scores.softmax(-1)
+        want = out + sum(p[..., i:i + 1] * (dn @ f.value.weight.T + f.value.bias) for i, dn in enumerate(d))
+        torch.testing.assert_close(layer(x), want)
+
+
+def test_fusion_of_one_adapter_is_that_adapter():
+    b = batch("bert")
+    model = dt.attach(bert(), dt.AdapterConfig(kind="houlsby", bottleneck=6), name="a")
+    _perturb(model, "a")
+    model.add_delta("fa", dt.FusionConfig(adapters=["a"], modules_to_save=[]))  # keep a's task head
+    with torch.no_grad():  # random query/key: with one key the attention weight is 1 (saturated)
+        for piece in model.pieces_of("fa").values():
+            piece.query.weight.normal_(); piece.key.weight.normal_()
+    model.set_active("a"); want = logits(model, b)
+    model.set_active(dt.Fuse("a", fusion="fa"))
+    torch.testing.assert_close(logits(model, b), want)
+
+
+def test_saturated_fusion_reduces_to_the_chosen_adapter():
+    """Two adapters whose added terms point in orthogonal directions; a query along adapter a's
+    direction saturates the softmax on a, and the fusion output equals adapter a's output."""
+    b = batch("bert")
+    model = _two_adapters()
+    hidden = 32
+    u = torch.zeros(hidden); u[: hidden // 2] = 1.0
+    w = torch.zeros(hidden); w[hidden // 2:] = 1.0
+    with torch.no_grad():
+        for name, vec in (("lang", u), ("task", w)):
+            for piece in model.pieces_of(name).values():
+                if hasattr(piece, "adapter_up"):
+                    piece.adapter_up.weight.mul_(0.01)
+                    piece.adapter_up.bias.copy_(vec)
+    model.add_delta("fz", dt.FusionConfig(adapters=["lang", "task"], modules_to_save=[]))
+    with torch.no_grad():
+        for piece in model.pieces_of("fz").values():
+            if hasattr(piece, "query"):
+                piece.query.weight.zero_(); piece.query.bias.copy_(50 * u)
+                piece.key.weight.copy_(torch.eye(hidden)); piece.key.bias.zero_()
+    model.set_active("lang"); want = logits(model, b)
+    model.set_active(dt.Fuse("lang", "task", fusion="fz"))
+    torch.testing.assert_close(logits(model, b), want)
+    model.set_active("task")
+    assert not torch.allclose(logits(model, b), want)
+
+
+def test_fusion_trains_only_its_own_parameters_and_round_trips(tmp_path):
+    b = batch("bert")
+    b["labels"] = torch.tensor([1, 0])
+    model = _two_adapters()
+    model.set_trainable("lang", False); model.set_trainable("task", False)
+    model.add_delta("lang+task", dt.FusionConfig(adapters=["lang", "task"]))
+    model.set_active(dt.Fuse("lang", "task"))
+    assert model.active.fusion == "lang+task"
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    assert trainable == {id(p) for p in model.delta_parameters("lang+task")}
+    model.train()
+    model(**b).loss.backward()
+    assert all(p.grad is not None for p in model.delta_parameters("lang+task"))
+    model.eval()
+    _perturb(model, "lang+task", 5)
+    want = logits(model, b)
+    model.save_pretrained(tmp_path)  # every delta: lang/ (root), task/, lang+task/
+    fresh = dt.DeltaModel(bert())
+    for name in ("lang", "task", "lang+task"):
+        fresh.load_delta(tmp_path if name == "lang" else tmp_path / name, name=name)
+    fresh.set_active(dt.Fuse("lang", "task"))
+    torch.testing.assert_close(logits(fresh, b), want)
+
+
+def test_fusion_errors():
+    model = dt.attach(bert(), dt.AdapterConfig(bottleneck=4), name="a")
+    with pytest.raises(dt.ConfigError, match=r"\['b'\] attached before the fusion"):
+        model.add_delta("f", dt.FusionConfig(adapters=["a", "b"]))
+    model.add_delta("f", dt.FusionConfig(adapters=["a"]))
+    model.set_active("f")
+    with pytest.raises(dt.ConfigError, match="dt.Fuse"):
+        model(**batch("bert"))
+    with pytest.raises(dt.ConfigError, match="No delta named 'zz'"):
+        model.set_active(dt.Fuse("a", "zz", fusion="f"))
+
+
+def test_stack_with_fuse_round_trip(tmp_path):
+    b = batch("bert")
+    model = _two_adapters()
+    model.add_delta("x", dt.AdapterConfig(kind="houlsby", bottleneck=6)); _perturb(model, "x", 2)
+    model.add_delta("fz", dt.FusionConfig(adapters=["task", "x"])); _perturb(model, "fz", 3)
+    setup = dt.Stack("lang", dt.Fuse("task", "x", fusion="fz"))
+    assert setup.names() == ["lang", "task", "x", "fz"]
+    model.set_active(setup)
+    want = logits(model, b)
+    model.set_active(["lang", "task", "x"])
+    assert not torch.allclose(logits(model, b), want)
+    model.save_pretrained(tmp_path)
+    fresh = dt.DeltaModel(bert())
+    for name in ("lang", "task", "x", "fz"):
+        fresh.load_delta(tmp_path if name == "lang" else tmp_path / name, name=name)
+    fresh.set_active(dt.Stack("lang", dt.Fuse("task", "x", fusion="fz")))
+    torch.testing.assert_close(logits(fresh, b), want)
+
+
+# -- Average and ensembles -----------------------------------------------------------------
+def test_average_of_identical_deltas_is_that_delta():
+    b = batch("bert")
+    for cfg in (dt.AdapterConfig(kind="parallel", placement="both"), dt.LoRAConfig(r=4)):
+        model = dt.attach(bert(), cfg, name="a")
+        _perturb(model, "a")
+        want = logits(model, b)
+        dt.copy_delta(model, "a", "a2")
+        model.set_active(dt.Average("a", "a2"))
+        torch.testing.assert_close(logits(model, b), want, rtol=0, atol=0)
+        dt.average_deltas(model, ["a", "a2"], into="soup")
+        model.set_active("soup")
+        torch.testing.assert_close(logits(model, b), want, rtol=0, atol=0)
+
+
+def test_average_is_weight_space_mean():
+    b = batch("llama")
+    model = dt.attach(llama(), dt.LoRAConfig(r=4, targets=["q_proj", "v_proj"]), name="a")
+    model.add_delta("b", dt.LoRAConfig(r=4, targets=["q_proj", "v_proj"]))
+    _perturb(model, "a", 0); _perturb(model, "b", 1)
+    ref = dt.attach(llama(), dt.LoRAConfig(r=4, targets=["q_proj", "v_proj"]))
+    with torch.no_grad():
+        for path, piece in ref.pieces_of("default").items():
+            pa, pb = model.pieces_of("a")[path].state_dict(), model.pieces_of("b")[path].state_dict()
+            piece.load_state_dict({k: 0.25 * pa[k] + 0.75 * pb[k] for k in pa})
+    model.set_active(dt.Average("a", "b", weights=[1, 3]))
+    torch.testing.assert_close(logits(model, b), logits(ref, b))
+    dt.average_deltas(model, ["a", "b"], into="soup", weights=[1, 3])
+    model.set_active("soup")
+    torch.testing.assert_close(logits(model, b), logits(ref, b))
+
+
+def test_average_rejects_different_deltas():
+    model = dt.attach(llama(), dt.LoRAConfig(r=4, targets=["q_proj"]), name="a")
+    model.add_delta("b", dt.LoRAConfig(r=2, targets=["q_proj"]))
+    model.add_delta("c", dt.LoRAConfig(r=4, targets=["v_proj"]))
+    for other in ("b", "c"):
+        model.set_active(dt.Average("a", other))
+        with pytest.raises(dt.IncompatibleDeltaError):
+            model(**batch("llama"))
+        with pytest.raises(dt.IncompatibleDeltaError, match="one config"):
+            dt.average_deltas(model, ["a", other], into="s")
+    with pytest.raises(dt.ConfigError, match="non-negative"):
+        dt.Average("a", "b", weights=[1])
+
+
+def test_ensemble_averages_probabilities():
+    b = batch("bert")
+    b["labels"] = torch.tensor([0, 1])
+    model = dt.attach(bert(), dt.AdapterConfig(bottleneck=4), name="s0")
+    model.add_delta("s1", dt.AdapterConfig(bottleneck=4))
+    _perturb(model, "s0", 0, 1.0); _perturb(model, "s1", 1, 1.0)
+    probs = []
+    for n in ("s0", "s1"):
+        model.set_active(n)
+        probs.append(logits(model, b).softmax(-1))
+    ens = dt.Ensemble(model, ["s0", "s1"])
+    out = ens(**b)
+    torch.testing.assert_close(out.logits.exp(), (probs[0] + probs[1]) / 2)
+    torch.testing.assert_close(out.loss, torch.nn.functional.nll_loss(out.logits, b["labels"]))
+    assert model.active == ["s1"], "the ensemble restores the active deltas"
+
+
+def test_ema_follows_the_formula():
+    model = dt.attach(llama(), dt.LoRAConfig(r=2, targets=["q_proj"]))
+    ema = dt.EMA(model, "default", decay=0.5)
+    assert ema.into == "default_ema" and model.configs["default_ema"] == model.configs["default"]
+    key = next(k for k in model.delta_state("default") if "lora_A" in k)
+    shadow = model.delta_state("default")[key].clone()
+    for seed in range(3):
+        _perturb(model, "default", seed)
+        ema()
+        shadow = 0.5 * shadow + 0.5 * model.delta_state("default")[key]
+    torch.testing.assert_close(model.delta_state("default_ema")[key], shadow)
+    assert not any(p.requires_grad for p in model.delta_parameters("default_ema"))
+
+
+def test_trainer_callbacks_drive_ema_and_snapshots(tmp_path):
+    torch.manual_seed(0)
+    data = [{"input_ids": torch.randint(3, 100, (6,)), "attention_mask": torch.ones(6, dtype=torch.long),
+             "labels": torch.tensor(i % 2)} for i in range(16)]
+    collate = lambda rows: {k: torch.stack([r[k] for r in rows]) for k in rows[0]}  # noqa: E731
+    model = dt.attach(bert(), dt.AdapterConfig(kind="parallel", bottleneck=4))
+    ema = dt.EMA(model, "default", decay=0.9)
+    snaps = dt.Snapshots(model, "default", every=2)
+    steps = []
+    cfg = TrainConfig(output_dir=str(tmp_path), epochs=1, batch_size=4, lr=1e-2, progress=False, save=False)
+    Trainer(model, cfg, data, collate_fn=collate, callbacks=[ema, snaps, lambda t, s: steps.append(s)]).fit()
+    assert steps == [1, 2, 3, 4] and ema.updates == 4 and snaps.names == ["default_snap0", "default_snap1"]
+    last = model.delta_state("default")
+    snap = model.delta_state("default_snap1")
+    assert all(torch.equal(last[k], snap[k]) for k in last)  # snapshot at step 4 = the final delta
+    assert any(not torch.equal(last[k], v) for k, v in model.delta_state("default_ema").items())
+    ens = dt.Ensemble(model, snaps.names + [ema.into])
+    assert ens(**collate(data[:4])).logits.shape == (4, 2)
