@@ -1,0 +1,160 @@
+"""Building blocks shared by the recipes: data -> features, model + delta, one phase of
+training on the one loop, carrying a delta between models, writing results."""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from ..core.errors import ConfigError
+from ..core.io import atomic_write
+from ..core.model import DeltaModel, attach
+from ..data.models import load_model, load_tokenizer
+from ..data.sources import DataConfig, load_examples
+from ..data.tasks import TaskConfig, auto_class, encode_labels, label_names, task_type
+from ..train import TrainConfig, Trainer, default_loss
+
+TASK_METRICS = {"classification": ("accuracy", "macro_f1", "loss"), "token_classification": ("accuracy", "macro_f1"),
+                "causal_lm": ("loss", "perplexity"), "masked_lm": ("loss", "perplexity"),
+                "sft": ("loss", "perplexity", "exact_match", "bleu"),
+                "seq2seq": ("loss", "perplexity", "exact_match", "bleu")}
+
+
+@dataclass
+class Job:
+    """Everything one phase of training needs; `trainer()` puts it on the one loop."""
+    model: Any
+    tokenizer: Any
+    task: TaskConfig
+    train: list
+    eval: list
+    collate: Callable
+    eval_fn: Callable
+    loss_fn: Callable = default_loss
+    labels: list[str] | None = None
+
+    def trainer(self, config: TrainConfig, **kwargs) -> Trainer:
+        return Trainer(self.model, config, self.train, self.eval or None, collate_fn=self.collate,
+                       loss_fn=self.loss_fn, eval_fn=self.eval_fn, **kwargs)
+
+
+def load_data(data: DataConfig, task: TaskConfig):
+    """(train examples, eval examples, label names) with labels encoded as ids."""
+    train, test, names = load_examples(data)
+    names = label_names(task, train, names)
+    return encode_labels(task, train, names), encode_labels(task, test, names), names
+
+
+def build_base(cfg, task: TaskConfig, tokenizer, labels: list[str] | None = None, auto=None):
+    """The base model for a task type (or an explicit Auto class), real or tiny."""
+    kwargs = {}
+    if labels is not None:
+        kwargs = dict(num_labels=len(labels), id2label=dict(enumerate(labels)),
+                      label2id={n: i for i, n in enumerate(labels)})
+    model = load_model(cfg.model.path, auto or auto_class(task), tiny=cfg.model.tiny, seed=cfg.train.seed, **kwargs)
+    if getattr(model.config, "pad_token_id", None) is None:  # decoder classifiers find the last token by it
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return model
+
+
+def featurize(tokenizer, task: TaskConfig, examples, for_eval=False):
+    return task_type(task).featurize(tokenizer, examples, task, for_eval)
+
+
+def task_job(cfg, data: DataConfig | None = None, task: TaskConfig | None = None, delta=None,
+             delta_dir=None, tokenizer=None, examples=None) -> Job:
+    """A Job for one task: tokenizer, base model with a new delta (or one loaded from delta_dir),
+    features, collator and the task's evaluation function."""
+    data, task = data or cfg.data, task or cfg.task
+    tok = tokenizer or load_tokenizer(cfg.model.path)
+    train, test, names = examples or load_data(data, task)
+    base = build_base(cfg, task, tok, names)
+    if delta_dir is not None:
+        model = DeltaModel.from_pretrained(base, delta_dir)
+    else:
+        model = attach(base, delta or cfg.delta_config())
+    kind = task_type(task)
+    return Job(model, tok, task, featurize(tok, task, train), featurize(tok, task, test, for_eval=True),
+               kind.collator(tok, task), kind.eval_fn(tok, task), labels=names)
+
+
+def phase_config(cfg, sub: str | None = None, **changes) -> TrainConfig:
+    """The run's TrainConfig for one phase: output in output_dir/sub, with changes applied;
+    a metric the task does not report falls back to the task's own."""
+    train = cfg.train
+    out = str(Path(cfg.output_dir) / sub) if sub else cfg.output_dir
+    return dataclasses.replace(train, output_dir=out, **changes)
+
+
+def for_task(train: TrainConfig, task: TaskConfig) -> TrainConfig:
+    if train.metric not in TASK_METRICS[task.type]:
+        return dataclasses.replace(train, metric=task_type(task).metric, greater_is_better=None)
+    return train
+
+
+def fit(job: Job, train: TrainConfig, evaluate_before: bool = True, **trainer_kwargs) -> dict:
+    """Train one phase; {before, fit, after} metrics (eval data permitting)."""
+    trainer = job.trainer(for_task(train, job.task), **trainer_kwargs)
+    out = {}
+    if evaluate_before and job.eval:
+        out["before"] = trainer.evaluate()
+    out["fit"] = trainer.fit()
+    if job.eval:
+        out["after"] = trainer.evaluate()
+    out["trainable"] = job.model.trainable_summary() if hasattr(job.model, "trainable_summary") else None
+    return out
+
+
+def carry_delta(src: DeltaModel, dst_base, name: str = "default", config=None, new_name: str | None = None,
+                trainable: bool = True) -> DeltaModel:
+    """Attach `src`'s delta `name` to another model of the same body (e.g. MLM -> classifier)
+    and copy its tensors at every module path both have; the destination's own new parts
+    (a task head) keep their fresh initialisation. Returns the destination DeltaModel."""
+    config = copy.deepcopy(config or src.configs[name])
+    dst = dst_base if isinstance(dst_base, DeltaModel) else DeltaModel(dst_base)
+    new_name = new_name or name
+    dst.add_delta(new_name, config, trainable=trainable)
+    src_pieces, dst_pieces = src.pieces_of(name), dst.pieces_of(new_name)
+    shared = [p for p in src_pieces if p in dst_pieces and not src_pieces[p].replaces_base]
+    if not shared:
+        raise ConfigError(f"Delta {name!r} shares no module with the destination model "
+                          f"({type(dst.base_model).__name__}); both must have the same body.")
+    for path in shared:
+        dst_pieces[path].load_file_state(src_pieces[path].file_state())
+    dst.set_trainable(new_name, trainable)
+    return dst
+
+
+def body_config(config, heads: list[str] | None = None):
+    """The same delta on the body only (no task head): for LM phases before task training."""
+    return dataclasses.replace(config, modules_to_save=list(heads or []))
+
+
+def save_final(model, output_dir, sub="final") -> str:
+    path = Path(output_dir) / sub
+    model.save_pretrained(path)
+    return str(path)
+
+
+def write_results(output_dir, results: dict) -> None:
+    text = json.dumps(results, indent=2, default=_json_default)
+    atomic_write(Path(output_dir) / "results.json", lambda t: Path(t).write_text(text))
+
+
+def _json_default(x):
+    if hasattr(x, "item"):
+        return x.item()
+    if dataclasses.is_dataclass(x):
+        return dataclasses.asdict(x)
+    return str(x)
+
+
+def evaluate_task(cfg, delta_dir) -> dict:
+    """`deltatune eval` for recipes whose final delta is a plain task delta."""
+    job = task_job(cfg, delta_dir=delta_dir)
+    if not job.eval:
+        raise ConfigError("The data config gives no evaluation examples (set data.eval or data.test_fraction).")
+    return job.trainer(for_task(phase_config(cfg, save=False), job.task)).evaluate()
