@@ -25,4 +25,12 @@ CASES = {
     "adapter_parallel": dict(make=lambda: dt.AdapterConfig(kind="parallel", placement="both", bottleneck=8,
                                                            scaling="learned"),
                              identity_at_init=True, mergeable=False, unloadable=False),
+    # continuous prompts: extra inputs / keys and values, so not identity at init and not foldable into weights
+    "prompt_tuning": dict(make=lambda: dt.PromptTuningConfig(num_virtual_tokens=3, init="vocab"),
+                          mergeable=False, unloadable=False),
+    "p_tuning_lstm": dict(make=lambda: dt.PTuningConfig(template="[P][P][P] {text}", encoder_hidden=16),
+                          mergeable=False, unloadable=False),
+    "prefix_reparam": dict(make=lambda: dt.PrefixConfig(num_virtual_tokens=3, reparam_hidden=16),
+                           mergeable=False, unloadable=False),
+    "p_tuning_v2": dict(make=lambda: dt.PTuningV2Config(num_virtual_tokens=3), mergeable=False, unloadable=False),
 }

@@ -9,6 +9,10 @@ from .methods.bitfit import BitFitConfig
 from .methods.lora import LoRAConfig
 from .methods.partial import FullConfig, PartialConfig
 from .methods.adapters import AdapterConfig, FusionConfig
+from .methods.p_tuning import PTuningConfig
+from .methods.p_tuning_v2 import MultiTaskPrompt, PTuningV2Config
+from .methods.prefix import PrefixConfig
+from .methods.prompt_tuning import PromptTuningConfig
 from .compose import (EMA, Average, Ensemble, Fuse, Snapshots, Stack, average_deltas,  # noqa: E402
                       copy_delta)
 from . import data, train  # noqa: E402  (dt.data.sms_spam, dt.train.Trainer)
@@ -21,6 +25,7 @@ __all__ = [
     "LoRAConfig", "BitFitConfig", "PartialConfig", "FullConfig",
     "AdapterConfig", "FusionConfig", "Stack", "Fuse", "Average", "average_deltas", "copy_delta", "EMA",
     "Snapshots", "Ensemble",
+    "PromptTuningConfig", "PTuningConfig", "PrefixConfig", "PTuningV2Config", "MultiTaskPrompt",
     "DeltaError", "ConfigError", "CorruptFileError", "IncompatibleDeltaError", "TargetNotFoundError",
     "UnknownMethodError",
 ]

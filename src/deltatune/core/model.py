@@ -37,6 +37,11 @@ class ModelPiece(nn.Module):
     def load_file_state(self, state):
         self.load_state_dict(state, strict=True)
 
+    def file_config(self, cfg: dict) -> dict:
+        """The saved adapter_config.json, completed with facts about the model this piece
+        was built for (e.g. PEFT's task_type and token_dim); unchanged by default."""
+        return cfg
+
 
 class DeltaModel(nn.Module):
     def __init__(self, base_model: nn.Module):
@@ -281,6 +286,8 @@ class DeltaModel(nn.Module):
             cfg = self.configs[n]
             to_file = getattr(cfg, "to_file_dict", None)
             cfg_dict = to_file() if callable(to_file) else cfg.to_dict()
+            if n in self.model_pieces:
+                cfg_dict = self.model_pieces[n].file_config(cfg_dict)
             cfg_dict.setdefault("base_model_name_or_path", getattr(self.base_model.config, "_name_or_path", None))
             write_delta(Path(path) if n == root else Path(path) / n, cfg_dict, self.delta_state(n))
 
