@@ -267,6 +267,30 @@ class DeltaModel(nn.Module):
         print(f"trainable params: {s['trainable']:,} || all params: {s['total']:,} || "
               f"trainable%: {s['percent']:.4f}")
 
+    # -- torch state dicts: the deltas only ------------------------------------
+    def _is_delta_key(self, key: str) -> bool:
+        layers = tuple(f"base_model.{path}.deltas." for path, _ in self.delta_layers())
+        return key.startswith(("model_pieces.",) + layers)
+
+    def state_dict(self, *args, **kwargs):
+        """The deltas' tensors only (every piece's parameters and buffers, under their module keys):
+        the frozen base model comes from its own checkpoint. So trainers that save `model.state_dict()`
+        (transformers.Trainer with a model that is not a PreTrainedModel) write only the delta."""
+        out = super().state_dict(*args, **kwargs)
+        prefix = kwargs.get("prefix", "")
+        for k in [k for k in out if k.startswith(prefix) and not self._is_delta_key(k[len(prefix):])]:
+            del out[k]
+        return out
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """Loads the deltas' tensors; base-model tensors may be present or not (state_dict() leaves them out)."""
+        result = super().load_state_dict(state_dict, strict=False, assign=assign)
+        missing = [k for k in result.missing_keys if self._is_delta_key(k)]
+        if strict and (missing or result.unexpected_keys):
+            raise RuntimeError(f"Error loading a DeltaModel state dict: missing delta keys {missing[:5]}, "
+                               f"unexpected keys {result.unexpected_keys[:5]}.")
+        return type(result)(missing, result.unexpected_keys)
+
     # -- files ---------------------------------------------------------------
     def delta_state(self, name: str) -> dict[str, torch.Tensor]:
         """The tensors of one delta under their file keys."""

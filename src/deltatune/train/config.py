@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
+from typing import Optional
 
 from ..core.errors import ConfigError, did_you_mean
 
@@ -12,7 +13,8 @@ class TrainConfig:
     epochs: float = field(default=3, metadata={"help": "passes over the training data"})
     max_steps: int = field(default=0, metadata={"help": "stop after this many optimizer steps (0: use epochs)"})
     lr: float = field(default=5e-4, metadata={"help": "peak learning rate"})
-    batch_size: int = field(default=32, metadata={"help": "examples per forward pass"})
+    batch_size: int = field(default=32, metadata={
+        "help": "examples per forward pass and process (global batch: batch_size x processes x grad_accum)"})
     eval_batch_size: int = field(default=64, metadata={"help": "examples per evaluation forward pass"})
     grad_accum: int = field(default=1, metadata={"help": "forward passes per optimizer step"})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
@@ -25,6 +27,26 @@ class TrainConfig:
     log_every: int = field(default=10, metadata={"help": "optimizer steps between JSONL log lines"})
     progress: bool = field(default=True, metadata={"help": "show a tqdm progress bar"})
     save: bool = field(default=True, metadata={"help": "save best/ and last/ deltas under output_dir"})
+    mixed_precision: str = field(default="no", metadata={
+        "help": "no | fp16 | bf16: autocast the forward passes (fp16 adds loss scaling); for GPUs"})
+    gradient_checkpointing: bool = field(default=False, metadata={
+        "help": "recompute activations in the backward pass to save memory (non-reentrant)"})
+    eval_steps: int = field(default=0, metadata={"help": "also evaluate every this many optimizer steps (0: off)"})
+    patience: int = field(default=0, metadata={
+        "help": "early stopping: stop after this many evaluations without improvement (0: off)"})
+    greater_is_better: Optional[bool] = field(default=None, metadata={
+        "help": "direction of `metric` (default: False for metrics named *loss* or *perplexity*, else True)"})
+    checkpoint_every: int = field(default=0, metadata={
+        "help": "optimizer steps between resumable checkpoints, besides the one after each epoch (0: epochs only)"})
+    keep_checkpoints: int = field(default=1, metadata={
+        "help": "newest resumable checkpoints kept in output_dir/checkpoints (0: write none)"})
+    resume: bool = field(default=False, metadata={
+        "help": "continue from the newest complete checkpoint in output_dir (a fresh run if there is none)"})
+    tensorboard: bool = field(default=True, metadata={
+        "help": "also write TensorBoard event files to output_dir/tensorboard when tensorboard is installed"})
+    plot: bool = field(default=True, metadata={"help": "draw output_dir/curves.png (loss and evaluation) at the end"})
+    use_cpu: bool = field(default=False, metadata={"help": "train on the CPU even when a GPU is present"})
+    num_workers: int = field(default=0, metadata={"help": "DataLoader worker processes for collating batches"})
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
@@ -39,3 +61,13 @@ class TrainConfig:
             raise ConfigError(f"schedule must be linear, cosine or constant, got {self.schedule!r}.")
         if self.batch_size < 1 or self.grad_accum < 1:
             raise ConfigError("batch_size and grad_accum must be >= 1.")
+        if self.mixed_precision not in ("no", "fp16", "bf16"):
+            raise ConfigError(f"mixed_precision must be no, fp16 or bf16, got {self.mixed_precision!r}.")
+        for name in ("eval_steps", "patience", "checkpoint_every", "keep_checkpoints", "num_workers", "max_steps"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}.")
+
+    def metric_greater_is_better(self) -> bool:
+        if self.greater_is_better is not None:
+            return self.greater_is_better
+        return not any(word in self.metric for word in ("loss", "perplexity"))

@@ -1,19 +1,32 @@
-"""The one training loop. Recipes change its data, loss or schedule, never copy it."""
+"""The one training loop. Recipes change its data, loss or schedule, never copy it.
+
+It runs on `accelerate`: one process on CPU or GPU, or several with DDP when started
+by `accelerate launch` / `torchrun`. The data order is a pure function of (seed,
+epoch) (batches.py) and every checkpoint holds the delta, optimizer, scheduler, RNG
+states and data position (checkpoint.py), so a killed run resumes exactly."""
 from __future__ import annotations
 
-import json
-import math
+import contextlib
+import dataclasses
+import shutil
 import time
+import warnings
 from pathlib import Path
 from typing import Callable
 
 import torch
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
-from transformers import get_scheduler
 
+from ..core.errors import ConfigError
+from . import checkpoint as ckpt
+from .batches import local_batches, steps_per_epoch
 from .config import TrainConfig
+from .logs import METRICS_NAME, RunLog, append_jsonl, jsonl_size, truncate_jsonl
 from .metrics import classification_metrics
+
+# options that do not change what a run computes (a resumed run may change them freely)
+_COSMETIC = {"output_dir", "resume", "progress", "tensorboard", "plot", "num_workers", "keep_checkpoints",
+             "checkpoint_every", "save"}
 
 
 def default_loss(model, batch):
@@ -21,12 +34,31 @@ def default_loss(model, batch):
     return model(**batch).loss
 
 
+def _has_accelerator() -> bool:
+    xpu = getattr(torch, "xpu", None)
+    return torch.cuda.is_available() or torch.backends.mps.is_available() or bool(xpu and xpu.is_available())
+
+
+def make_accelerator(mixed_precision: str = "no", use_cpu: bool = False):
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    # accelerate keeps one process-wide state; a single-process run may switch precision between Trainers
+    if AcceleratorState._shared_state and AcceleratorState().mixed_precision != mixed_precision \
+            and AcceleratorState().num_processes == 1:
+        AcceleratorState._reset_state()
+    # cpu=True is what makes accelerate see torchrun's processes as a (gloo) group on a CPU-only machine
+    return Accelerator(mixed_precision=mixed_precision, cpu=use_cpu or not _has_accelerator())
+
+
 class Trainer:
     """Trains the trainable parameters of a DeltaModel (or any nn.Module).
 
-    loss_fn(model, batch) -> scalar loss; eval_fn(model, batches) -> metrics dict
-    (default: classification accuracy / macro-F1 from logits and labels).
-    callbacks: functions called as cb(trainer, step) after each optimizer step (e.g. dt.EMA)."""
+    loss_fn(model, batch) -> scalar loss, the mean over the batch's examples (`model` is
+    DDP-wrapped when several processes train: `trainer.model` is the plain one);
+    eval_fn(model, batches) -> metrics dict (default: accuracy / macro-F1 from logits and labels).
+    callbacks: functions called as cb(trainer, step) after each optimizer step (e.g. dt.EMA);
+    a callback with state_dict()/load_state_dict() has its (JSON) state checkpointed."""
 
     def __init__(self, model, config: TrainConfig, train_data, eval_data=None, collate_fn=None,
                  loss_fn: Callable = default_loss, eval_fn: Callable | None = None, callbacks=()):
@@ -35,14 +67,28 @@ class Trainer:
         self.train_data, self.eval_data = train_data, eval_data
         self.collate_fn, self.loss_fn = collate_fn, loss_fn
         self.eval_fn = eval_fn or evaluate_classification
-        self.device = next(model.parameters()).device
+        self.accelerator = make_accelerator(config.mixed_precision, config.use_cpu)
+        self.device = self.accelerator.device
+        if next(model.parameters()).device != self.device:
+            model.to(self.device)
         self.out = Path(config.output_dir)
         self.history: list[dict] = []
+        self._run_log: RunLog | None = None
+
+    @property
+    def is_main(self) -> bool:
+        return self.accelerator.is_main_process
 
     # -- pieces of the loop --------------------------------------------------
     def _loader(self, data, batch_size, shuffle, epoch=0):
         g = torch.Generator().manual_seed(self.config.seed + epoch)
-        return DataLoader(data, batch_size=batch_size, shuffle=shuffle, collate_fn=self.collate_fn, generator=g)
+        return DataLoader(data, batch_size=batch_size, shuffle=shuffle, collate_fn=self.collate_fn, generator=g,
+                          num_workers=self.config.num_workers)
+
+    def _train_loader(self, batches):
+        # its own generator: creating the iterator must not draw from the global RNG (exact resume)
+        return DataLoader(self.train_data, batch_sampler=[idx for idx, _ in batches], collate_fn=self.collate_fn,
+                          num_workers=self.config.num_workers, generator=torch.Generator())
 
     def _optimizer(self):
         params = [p for p in self.model.parameters() if p.requires_grad]
@@ -54,80 +100,202 @@ class Trainer:
                   {"params": no_decay, "weight_decay": 0.0}]
         return torch.optim.AdamW([g for g in groups if g["params"]], lr=self.config.lr)
 
+    def _scheduler(self, opt, steps):
+        from transformers import get_scheduler
+
+        c = self.config
+        return get_scheduler(c.schedule if c.schedule != "constant" else "constant_with_warmup", opt,
+                             num_warmup_steps=int(c.warmup_ratio * steps), num_training_steps=steps)
+
     def total_steps(self) -> int:
         c = self.config
-        per_epoch = math.ceil(math.ceil(len(self.train_data) / c.batch_size) / c.grad_accum)
+        per_epoch = steps_per_epoch(len(self.train_data), c.batch_size, c.grad_accum, self.accelerator.num_processes)
         return c.max_steps or max(1, int(per_epoch * c.epochs))
 
     def _to_device(self, batch):
         return {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in batch.items()}
 
+    def _enable_gradient_checkpointing(self) -> None:
+        m = self.model
+        enable = getattr(m, "activation_checkpointing_enable", None)
+        if enable is not None:
+            enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        elif getattr(m, "gradient_checkpointing_enable", None) is not None:
+            m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            raise ConfigError(f"gradient_checkpointing needs a Hugging Face model; {type(m).__name__} has no "
+                              "activation_checkpointing_enable(): set gradient_checkpointing=False.")
+
     def log(self, record: dict) -> None:
         self.history.append(record)
-        if self.config.save:
-            self.out.mkdir(parents=True, exist_ok=True)
-            with open(self.out / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(record) + "\n")
+        if self.config.save and self.is_main:
+            append_jsonl(self.out / METRICS_NAME, record)
+        if self._run_log is not None:
+            self._run_log.scalars(record)
 
     # -- the loop ------------------------------------------------------------
     def fit(self) -> dict:
-        c = self.config
-        torch.manual_seed(c.seed)
+        from accelerate.utils import set_seed
+
+        c, acc = self.config, self.accelerator
+        set_seed(c.seed)
         steps = self.total_steps()
         opt = self._optimizer()
-        sched = get_scheduler(c.schedule if c.schedule != "constant" else "constant_with_warmup", opt,
-                              num_warmup_steps=int(c.warmup_ratio * steps), num_training_steps=steps)
-        params = [p for g in opt.param_groups for p in g["params"]]
-        best, best_metrics, step, epoch = -math.inf, {}, 0, 0
-        bar = tqdm(total=steps, disable=not c.progress, desc="train")
-        start = time.time()
-        while step < steps:
-            self.model.train()
-            running, micro = 0.0, 0
-            for i, batch in enumerate(self._loader(self.train_data, c.batch_size, True, epoch)):
-                loss = self.loss_fn(self.model, self._to_device(batch)) / c.grad_accum
-                loss.backward()
-                running += loss.item()
-                micro += 1
-                if micro % c.grad_accum:
-                    continue
-                if c.max_grad_norm:
-                    torch.nn.utils.clip_grad_norm_(params, c.max_grad_norm)
-                opt.step(); sched.step(); opt.zero_grad(set_to_none=True)
-                step += 1
-                for cb in self.callbacks:
-                    cb(self, step)
-                bar.update(1)
-                bar.set_postfix(loss=f"{running:.4f}", lr=f"{sched.get_last_lr()[0]:.2e}")
-                if step % c.log_every == 0:
-                    self.log({"step": step, "epoch": epoch, "loss": running, "lr": sched.get_last_lr()[0],
-                              "elapsed": round(time.time() - start, 2)})
-                running = 0.0
-                if step >= steps:
-                    break
-            epoch += 1
-            if self.eval_data is not None and (c.eval_every_epoch or step >= steps):
-                metrics = self.evaluate()
-                self.log({"step": step, "epoch": epoch, **{f"eval_{k}": v for k, v in metrics.items()}})
-                score = metrics.get(c.metric, -metrics.get("loss", 0.0))
-                if score > best:
-                    best, best_metrics = score, metrics
-                    self._save("best")
-        bar.close()
+        sched = self._scheduler(opt, steps)
+        if c.gradient_checkpointing:
+            self._enable_gradient_checkpointing()
+        train_model, opt = acc.prepare(self.model, opt)
+        state, resumed_from = self._begin(opt, sched)
+        self._run_log = RunLog(self.out, steps, initial=state["step"], files=c.save and self.is_main,
+                               progress=c.progress and self.is_main, tensorboard=c.tensorboard)
+        if resumed_from is not None:  # last, so nothing after it draws from the restored generators
+            ckpt.load_rng(resumed_from, acc.process_index)
+        try:
+            while not state["done"]:
+                self._train_epoch(state, train_model, opt, sched, steps)
+                self._end_epoch(state, opt, sched, steps)
+        finally:
+            self._run_log.close(self.history, plot=c.plot)
+            self._run_log = None
+            acc.unwrap_model(train_model, keep_fp32_wrapper=False)  # drops accelerate's autocast wrapper
         self._save("last")
-        return {"steps": step, "epochs": epoch, "train_seconds": round(time.time() - start, 2),
-                **{f"best_{k}": v for k, v in best_metrics.items()}}
+        acc.wait_for_everyone()
+        return {"steps": state["step"], "epochs": state["epoch"], "train_seconds": round(state["train_seconds"], 2),
+                "stopped_early": state["stopped_early"],
+                **{f"best_{k}": v for k, v in (state["best_metrics"] or {}).items()}}
+
+    def _train_epoch(self, state, model, opt, sched, steps) -> None:
+        c, acc = self.config, self.accelerator
+        if state["step"] >= steps or state["stopped_early"]:
+            return
+        world = acc.num_processes
+        batches = local_batches(len(self.train_data), c.batch_size, c.seed, state["epoch"], world,
+                                acc.process_index)
+        params = [p for g in opt.param_groups for p in g["params"]]
+        model.train()
+        running, examples, clock = 0.0, 0, time.perf_counter()
+        for i, batch in enumerate(self._train_loader(batches[state["batch"]:]), start=state["batch"]):
+            first = i - i % c.grad_accum
+            group = min(first + c.grad_accum, len(batches)) - first  # a short last group at the epoch's end
+            sync = i + 1 == first + group
+            idx, weight = batches[i]
+            with contextlib.nullcontext() if sync else acc.no_sync(model):
+                with acc.autocast():
+                    loss = self.loss_fn(model, self._to_device(batch))
+                acc.backward(loss * (weight / group))
+            running += loss.item() * weight / group
+            examples += len(idx) * world
+            if not sync:
+                continue
+            if c.max_grad_norm:
+                acc.clip_grad_norm_(params, c.max_grad_norm)
+            opt.step()
+            if not acc.optimizer_step_was_skipped:  # fp16 loss scaling skips steps with inf gradients
+                sched.step()
+            opt.zero_grad(set_to_none=True)
+            state["step"] += 1
+            state["batch"] = i + 1
+            for cb in self.callbacks:
+                cb(self, state["step"])
+            now = time.perf_counter()
+            state["train_seconds"] += now - clock
+            loss_value = acc.reduce(torch.tensor(running, device=acc.device), "mean").item() if world > 1 else running
+            rate = examples / max(now - clock, 1e-9)
+            self._run_log.progress(loss_value, sched.get_last_lr()[0], rate)
+            if state["step"] % c.log_every == 0:
+                self.log({"step": state["step"], "epoch": state["epoch"], "loss": loss_value,
+                          "lr": sched.get_last_lr()[0], "examples_per_second": round(rate, 2),
+                          "elapsed": round(state["train_seconds"], 2)})
+            if c.eval_steps and state["step"] % c.eval_steps == 0 and self.eval_data is not None:
+                self._evaluate_and_track(state, epoch=round(state["epoch"] + state["batch"] / len(batches), 4))
+                model.train()
+            if c.checkpoint_every and state["step"] % c.checkpoint_every == 0:
+                self._checkpoint(state, opt, sched)
+            if state["step"] >= steps or state["stopped_early"]:
+                break
+            running, examples, clock = 0.0, 0, time.perf_counter()
+
+    def _end_epoch(self, state, opt, sched, steps) -> None:
+        c = self.config
+        state["epoch"] += 1
+        state["batch"] = 0
+        if self.eval_data is not None and (c.eval_every_epoch or state["step"] >= steps) \
+                and state["last_eval_step"] != state["step"]:
+            self._evaluate_and_track(state, epoch=state["epoch"])
+        state["done"] = state["step"] >= steps or state["stopped_early"]
+        self._checkpoint(state, opt, sched)
+
+    def _evaluate_and_track(self, state, epoch) -> None:
+        c = self.config
+        metrics = self.evaluate()
+        self.log({"step": state["step"], "epoch": epoch, **{f"eval_{k}": v for k, v in metrics.items()}})
+        state["last_eval_step"] = state["step"]
+        if c.metric in metrics:
+            score, greater = metrics[c.metric], c.metric_greater_is_better()
+        elif "loss" in metrics:
+            score, greater = metrics["loss"], False
+        else:
+            raise ConfigError(f"The evaluation gave {sorted(metrics)} but no {c.metric!r}: set metric to one of them.")
+        best = state["best_score"]
+        if best is None or (score > best if greater else score < best):
+            state["best_score"], state["best_metrics"], state["bad_evals"] = score, metrics, 0
+            self._save("best")
+        else:
+            state["bad_evals"] += 1
+            if c.patience and state["bad_evals"] >= c.patience:
+                state["stopped_early"] = True
 
     def evaluate(self, data=None) -> dict:
+        """Metrics of eval_fn on `data` (default: eval_data). Every process evaluates all of it."""
         data = self.eval_data if data is None else data
         self.model.eval()
-        with torch.no_grad():
+        with torch.no_grad(), self.accelerator.autocast():
             batches = (self._to_device(b) for b in self._loader(data, self.config.eval_batch_size, False))
             return self.eval_fn(self.model, batches)
 
+    # -- files ---------------------------------------------------------------
+    def _fresh_state(self) -> dict:
+        return {"step": 0, "epoch": 0, "batch": 0, "best_score": None, "best_metrics": None, "bad_evals": 0,
+                "last_eval_step": None, "stopped_early": False, "done": False, "train_seconds": 0.0}
+
+    def _begin(self, opt, sched):
+        """A fresh state, or the newest checkpoint's (model, optimizer and scheduler loaded)."""
+        c, acc = self.config, self.accelerator
+        if self.is_main and c.save:
+            ckpt.clean_stale(self.out)
+            if not c.resume:  # a fresh run: older checkpoints must not be resumed later
+                shutil.rmtree(ckpt.checkpoints_dir(self.out), ignore_errors=True)
+        acc.wait_for_everyone()
+        path = ckpt.latest_checkpoint(self.out) if c.resume else None
+        if path is None:
+            return self._fresh_state(), None
+        state = ckpt.read_checkpoint(path, acc, self.model, opt, sched)
+        changed = sorted(k for k, v in state["config"].items()
+                         if k not in _COSMETIC and getattr(c, k, v) != v)
+        if changed:
+            warnings.warn(f"Resuming {path} with changed options {changed}: the run will differ from an "
+                          "uninterrupted one.")
+        self.history = list(state.pop("history"))
+        if self.is_main:
+            truncate_jsonl(self.out / METRICS_NAME, state["log_bytes"])
+        for cb, cb_state in zip(self.callbacks, state.get("callbacks", [])):
+            if cb_state is not None and hasattr(cb, "load_state_dict"):
+                cb.load_state_dict(cb_state)
+        return state, path
+
+    def _checkpoint(self, state, opt, sched) -> None:
+        c = self.config
+        if not c.save or not c.keep_checkpoints:
+            return
+        full = {**state, "world_size": self.accelerator.num_processes, "config": dataclasses.asdict(c),
+                "history": self.history, "log_bytes": jsonl_size(self.out / METRICS_NAME),
+                "callbacks": [cb.state_dict() if hasattr(cb, "state_dict") else None for cb in self.callbacks]}
+        ckpt.write_checkpoint(self.accelerator, self.out, full, self.model, opt, sched, c.keep_checkpoints)
+
     def _save(self, tag: str) -> None:
-        if self.config.save and hasattr(self.model, "save_pretrained"):
-            self.model.save_pretrained(self.out / tag)
+        if self.config.save and self.is_main and hasattr(self.model, "save_pretrained"):
+            with ckpt.atomic_directory(self.out / tag) as tmp:
+                self.model.save_pretrained(tmp)
 
 
 def evaluate_classification(model, batches) -> dict:
