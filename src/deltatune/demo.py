@@ -39,6 +39,7 @@ def run_demo(output_dir: str = "outputs/demo", epochs: float = 1, seed: int = 0,
         train = train[:max_train]
     train_f, test_f = (tokenize_classification(tok, d, max_length=64) for d in (train, test))
     collate = Collator(pad_token_id=tok.pad_token_id)
+    model.to("cuda" if torch.cuda.is_available() else "cpu")
     delta = attach(model, LoRAConfig(r=8, alpha=16, targets="all-linear"))
     summary = delta.trainable_summary()
     config = TrainConfig(output_dir=output_dir, epochs=epochs, lr=1e-3, batch_size=32, seed=seed,
