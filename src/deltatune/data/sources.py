@@ -13,14 +13,15 @@ from ..core.errors import ConfigError, did_you_mean
 from . import builtin
 
 BUILTINS = {"sms_spam": (builtin.sms_spam, lambda: builtin.SMS_LABELS),
-            "bbc_news": (builtin.bbc_news, builtin.bbc_labels)}
+            "bbc_news": (builtin.bbc_news, builtin.bbc_labels),
+            "bbc_titles": (builtin.bbc_titles, lambda: None)}
 FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".tsv": "csv", ".parquet": "parquet"}
 
 
 @dataclass
 class DataConfig:
     source: str = field(default="", metadata={
-        "help": "a built-in dataset (sms_spam, bbc_news) or a local file/folder, split by test_fraction"})
+        "help": "a built-in dataset (sms_spam, bbc_news, bbc_titles) or a local file/folder, split by test_fraction"})
     train: str = field(default="", metadata={"help": "a local training file/folder (instead of source)"})
     eval: str = field(default="", metadata={"help": "a local evaluation file/folder (with train)"})
     split: str = field(default="train", metadata={"help": "split of a saved DatasetDict used as source"})
@@ -40,7 +41,8 @@ def load_examples(cfg: DataConfig) -> tuple[list[dict], list[dict], list[str] | 
     if cfg.source in BUILTINS:
         load, labels = BUILTINS[cfg.source]
         train, test = load(test_fraction=cfg.test_fraction, seed=cfg.seed)
-        names = list(labels())
+        names = labels()
+        names = list(names) if names is not None else None
     elif cfg.source:
         rows, names = read_local(cfg.source, cfg.split)
         train, test = builtin.split(rows, cfg.test_fraction, cfg.seed)

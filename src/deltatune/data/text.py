@@ -103,6 +103,21 @@ def chat_text(tokenizer, messages, add_generation_prompt=False) -> str:
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
 
 
+def fit_messages(tokenizer, messages, max_length: int):
+    """Shorten the longest user turn until the rendered conversation fits max_length tokens,
+    so truncation never cuts the answers the loss is taken on."""
+    messages = [dict(m) for m in messages]
+    for _ in range(4):
+        n = len(tokenizer(chat_text(tokenizer, messages), add_special_tokens=False)["input_ids"])
+        users = [m for m in messages if m["role"] == "user"]
+        if n <= max_length or not users:
+            return messages
+        longest = max(users, key=lambda m: len(m["content"]))
+        ids = tokenizer(longest["content"], add_special_tokens=False)["input_ids"]
+        longest["content"] = tokenizer.decode(ids[:max(1, len(ids) - (n - max_length) - 2)])
+    return messages
+
+
 def tokenize_sft(tokenizer, examples: list[dict], max_length: int = 256, prompt_key="prompt",
                  response_key="response", system: str | None = None, with_prompts: bool = False) -> list[dict]:
     """Chat SFT: the conversation rendered by the tokenizer's chat template; the loss is on
@@ -111,7 +126,7 @@ def tokenize_sft(tokenizer, examples: list[dict], max_length: int = 256, prompt_
     (that answer) for generation metrics."""
     feats = []
     for e in examples:
-        msgs = as_messages(e, prompt_key, response_key, system)
+        msgs = fit_messages(tokenizer, as_messages(e, prompt_key, response_key, system), max_length)
         full = chat_text(tokenizer, msgs)
         spans = []  # character spans of the assistant turns
         for i, m in enumerate(msgs):

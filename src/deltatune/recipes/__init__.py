@@ -22,7 +22,7 @@ from typing import Callable
 
 from ..core.errors import ConfigError, did_you_mean
 
-MODULES = ["task"]
+MODULES = ["task", "adaptive", "intermediate", "multitask", "joint", "pet", "instruction", "ipt", "robust"]
 
 
 @dataclass(frozen=True)

@@ -9,9 +9,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+import torch
+
 from ..core.errors import ConfigError
 from ..core.io import atomic_write
 from ..core.model import DeltaModel, attach
+from ..core.targets import output_head_names
 from ..data.models import load_model, load_tokenizer
 from ..data.sources import DataConfig, load_examples
 from ..data.tasks import TaskConfig, auto_class, encode_labels, label_names, task_type
@@ -65,14 +68,18 @@ def featurize(tokenizer, task: TaskConfig, examples, for_eval=False):
 
 
 def task_job(cfg, data: DataConfig | None = None, task: TaskConfig | None = None, delta=None,
-             delta_dir=None, tokenizer=None, examples=None) -> Job:
-    """A Job for one task: tokenizer, base model with a new delta (or one loaded from delta_dir),
-    features, collator and the task's evaluation function."""
+             delta_dir=None, tokenizer=None, examples=None, prepare: Callable | None = None) -> Job:
+    """A Job for one task: tokenizer, base model with a new delta (or one loaded from delta_dir,
+    or whatever `prepare(base) -> DeltaModel` makes of it), features, collator and the task's
+    evaluation function. `examples` = (train, eval, label names) skips loading `data`."""
     data, task = data or cfg.data, task or cfg.task
     tok = tokenizer or load_tokenizer(cfg.model.path)
     train, test, names = examples or load_data(data, task)
+    torch.manual_seed(cfg.train.seed)  # the head's and the delta's initialisation follow the run's seed
     base = build_base(cfg, task, tok, names)
-    if delta_dir is not None:
+    if prepare is not None:
+        model = prepare(base)
+    elif delta_dir is not None:
         model = DeltaModel.from_pretrained(base, delta_dir)
     else:
         model = attach(base, delta or cfg.delta_config())
@@ -109,16 +116,21 @@ def fit(job: Job, train: TrainConfig, evaluate_before: bool = True, **trainer_kw
 
 
 def carry_delta(src: DeltaModel, dst_base, name: str = "default", config=None, new_name: str | None = None,
-                trainable: bool = True) -> DeltaModel:
+                trainable: bool = True, heads: bool = False) -> DeltaModel:
     """Attach `src`'s delta `name` to another model of the same body (e.g. MLM -> classifier)
     and copy its tensors at every module path both have; the destination's own new parts
-    (a task head) keep their fresh initialisation. Returns the destination DeltaModel."""
+    (a task head) keep their fresh initialisation unless heads=True (same head shapes).
+    Returns the destination DeltaModel."""
     config = copy.deepcopy(config or src.configs[name])
     dst = dst_base if isinstance(dst_base, DeltaModel) else DeltaModel(dst_base)
     new_name = new_name or name
     dst.add_delta(new_name, config, trainable=trainable)
     src_pieces, dst_pieces = src.pieces_of(name), dst.pieces_of(new_name)
-    shared = [p for p in src_pieces if p in dst_pieces and not src_pieces[p].replaces_base]
+    head_paths = output_head_names(src.base_model) | output_head_names(dst.base_model)
+
+    def is_head(path):
+        return any(path == h or path.startswith(h + ".") for h in head_paths)
+    shared = [p for p in src_pieces if p in dst_pieces and (heads or not is_head(p))]
     if not shared:
         raise ConfigError(f"Delta {name!r} shares no module with the destination model "
                           f"({type(dst.base_model).__name__}); both must have the same body.")
@@ -158,3 +170,35 @@ def evaluate_task(cfg, delta_dir) -> dict:
     if not job.eval:
         raise ConfigError("The data config gives no evaluation examples (set data.eval or data.test_fraction).")
     return job.trainer(for_task(phase_config(cfg, save=False), job.task)).evaluate()
+
+
+def check_train_changes(changes: dict, where: str) -> dict:
+    """Validate a partial TrainConfig (a phase's own epochs/lr/...) at config time."""
+    from ..core.errors import did_you_mean
+    names = {f.name for f in dataclasses.fields(TrainConfig)} - {"output_dir"}
+    for k in changes or {}:
+        if k not in names:
+            raise ConfigError(f"Unknown key '{where}.{k}'.{did_you_mean(k, names)} Valid keys: "
+                              f"{', '.join(sorted(names))}.")
+    return dict(changes or {})
+
+
+def lm_objective(cfg, tokenizer, objective: str = "auto") -> str:
+    """masked_lm for encoders, causal_lm for decoders (from the model's architecture name)."""
+    if objective != "auto":
+        if objective not in ("masked_lm", "causal_lm"):
+            raise ConfigError(f"objective must be auto, masked_lm or causal_lm, got {objective!r}.")
+        return objective
+    from transformers import AutoConfig
+    from ..data.models import resolve_path
+    arch = " ".join(AutoConfig.from_pretrained(resolve_path(cfg.model.path, weights=False)).architectures or [])
+    if "CausalLM" in arch or "LMHead" in arch or tokenizer.mask_token is None:
+        return "causal_lm"
+    return "masked_lm"
+
+
+def texts_of(examples: list[dict], key: str) -> list[dict]:
+    """Unlabelled text examples {"text"} from any examples with a text column."""
+    if examples and key not in examples[0]:
+        raise ConfigError(f"The examples have no {key!r} column (columns: {sorted(examples[0])}); set text_key.")
+    return [{"text": e[key]} for e in examples]
