@@ -42,6 +42,10 @@ class ModelPiece(nn.Module):
         was built for (e.g. PEFT's task_type and token_dim); unchanged by default."""
         return cfg
 
+    # key root of the delta's module tensors (task heads): PEFT writes prompt-learning deltas'
+    # modules under "base_model.<path>" rather than "base_model.model.<path>"
+    file_key_root = PREFIX
+
 
 class DeltaModel(nn.Module):
     def __init__(self, base_model: nn.Module):
@@ -294,9 +298,10 @@ class DeltaModel(nn.Module):
     # -- files ---------------------------------------------------------------
     def delta_state(self, name: str) -> dict[str, torch.Tensor]:
         """The tensors of one delta under their file keys."""
-        out = {}
-        for path, piece in self.pieces_of(name).items():
-            prefix = "" if path == MODEL_LEVEL else PREFIX + path + "."
+        out, pieces = {}, self.pieces_of(name)
+        root = getattr(pieces.get(MODEL_LEVEL), "file_key_root", PREFIX)
+        for path, piece in pieces.items():
+            prefix = "" if path == MODEL_LEVEL else root + path + "."
             for k, v in piece.file_state().items():
                 out[prefix + k] = v
         return out
@@ -377,14 +382,15 @@ def default_heads(model: nn.Module) -> list[str]:
 
 
 def _split_key(key: str, pieces: dict) -> tuple[str | None, str]:
-    if key.startswith(PREFIX):
-        rest = key[len(PREFIX):]
+    for root in (PREFIX, "base_model."):  # ours/PEFT's, then PEFT's prompt-learning layout
+        rest = key[len(root):] if key.startswith(root) else None
         best = None
-        for path in pieces:
+        for path in pieces if rest is not None else ():
             if path and rest.startswith(path + ".") and (best is None or len(path) > len(best)):
                 best = path
         if best is not None:
             return best, rest[len(best) + 1:]
+    if key.startswith("base_model."):
         return None, key
     return (MODEL_LEVEL, key) if MODEL_LEVEL in pieces else (None, key)
 

@@ -24,8 +24,8 @@ from ..core.config import DeltaConfig
 from ..core.errors import ConfigError
 from ..core.model import MODEL_LEVEL, ModelPiece
 from ..core.registry import register
-from .prompt_tuning import (InputLayout, cached_length, check_padding, input_embeddings, nested_config,
-                            prepend_prompts)
+from .prompt_tuning import (PEFT_PROMPT_ROOT, InputLayout, cached_length, check_padding, fit_embeds_to_mask,
+                            input_embeddings, nested_config, prepend_prompts)
 
 MARK = "[P]"
 
@@ -136,6 +136,8 @@ def _tokens(tokenizer, text: str) -> list[int]:
 class PromptEncoder(ModelPiece):
     """Embedding -> (BiLSTM ->) MLP producing the n prompt vectors; after loading only the vectors."""
 
+    file_key_root = PEFT_PROMPT_ROOT
+
     def __init__(self, model, config: PTuningConfig):
         super().__init__()
         self.layout = InputLayout(model)
@@ -168,7 +170,8 @@ class PromptEncoder(ModelPiece):
         return self._prepare(model.base_model, dict(kwargs), generating=False)
 
     def prepare_generate(self, model, kwargs):
-        return self._prepare(model.base_model, dict(kwargs), generating=True)[0], None
+        kwargs = self._prepare(model.base_model, dict(kwargs), generating=True)[0]
+        return (kwargs if self.layout.encoder_decoder else fit_embeds_to_mask(kwargs)), None
 
     def _prepare(self, base, kwargs, generating):
         ids = kwargs.get("input_ids")
@@ -189,6 +192,9 @@ class PromptEncoder(ModelPiece):
         kwargs.pop("input_ids", None)
         order = (marks.long().cumsum(1) - 1).clamp(min=0)  # k-th marker of a row takes the k-th vector
         kwargs["inputs_embeds"] = torch.where(marks.unsqueeze(-1), prompts.to(emb.dtype)[order], emb)
+        labels = kwargs.get("labels")
+        if labels is not None and not self.layout.encoder_decoder and labels.shape == ids.shape:
+            kwargs["labels"] = labels.masked_fill(marks, -100)  # virtual positions are never targets
         if generating and not self.layout.encoder_decoder:
             kwargs["input_ids"] = real  # returned by generate in front of the new tokens
         return kwargs, None

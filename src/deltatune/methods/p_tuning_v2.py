@@ -18,7 +18,7 @@ from ..core.config import DeltaConfig
 from ..core.errors import ConfigError
 from ..core.model import DeltaModel, attach
 from ..core.registry import register
-from .prefix import build as build_prefix
+from .prefix import build as build_kv
 from .prefix import peft_prefix_dict
 from .prompt_tuning import nested_config
 
@@ -47,7 +47,7 @@ class PTuningV2Config(DeltaConfig):
 
 
 def build(model: nn.Module, config: PTuningV2Config) -> dict:
-    return build_prefix(model, config)
+    return build_kv(model, config, peft_layout=True)
 
 
 class MultiTaskPrompt(nn.Module):

@@ -34,7 +34,7 @@ from ..core.errors import ConfigError
 from ..core.layer import DeltaLayer, DeltaPiece
 from ..core.model import MODEL_LEVEL, ModelPiece
 from ..core.registry import register
-from .prompt_tuning import InputLayout, nested_config, widen_mask
+from .prompt_tuning import PEFT_PROMPT_ROOT, InputLayout, fit_embeds_to_mask, nested_config, widen_mask
 
 KEY_PROJECTIONS = ("k_proj", "key", "k", "c_attn")
 CROSS_NAMES = ("EncDecAttention", "encoder_attn", "crossattention")
@@ -224,7 +224,7 @@ class KVPrefix(ModelPiece):
         kwargs["attention_mask"] = widen_mask(mask, self.n, batch, length, past, _device(kwargs))
         if kwargs.get("position_ids") is not None:  # positions the caller counted from the first real token
             kwargs["position_ids"] = kwargs["position_ids"] + self.n
-        return kwargs
+        return fit_embeds_to_mask(kwargs) if generating else kwargs
 
     def _cache(self, cache, batch, dtype):
         """(cache holding the prefix, its length before this call)."""
@@ -329,16 +329,21 @@ def _device(kwargs):
 
 
 def _expand_size(base, kwargs) -> int:
-    """Rows per input in generate (beams x returned sequences): the cache must have them all."""
+    """Rows per input in generate (transformers expands by max(beams, returned sequences)):
+    the cache we pass must already have them all."""
     gen = kwargs.get("generation_config") or getattr(base, "generation_config", None)
     beams = kwargs.get("num_beams") or getattr(gen, "num_beams", 1) or 1
     ret = kwargs.get("num_return_sequences") or getattr(gen, "num_return_sequences", 1) or 1
-    return int(beams) * int(ret)
+    return max(int(beams), int(ret))
 
 
-def build(model: nn.Module, config: PrefixConfig) -> dict:
+def build(model: nn.Module, config, peft_layout: bool = False) -> dict:
+    """Pieces of a prefix: the model-level KVPrefix plus one PrefixAttention per attention module.
+    peft_layout: key task heads as PEFT's prompt-learning files do (the registered methods; MAM does not)."""
     found = attention_modules(model)
     source = KVPrefix(model, config, sites_of(model, found)).train(model.training)  # dropout follows the model
+    if peft_layout:
+        source.file_key_root = PEFT_PROMPT_ROOT
     pieces = {MODEL_LEVEL: source}
     for path, site, layer in found:
         mod = model.get_submodule(path)
@@ -346,4 +351,8 @@ def build(model: nn.Module, config: PrefixConfig) -> dict:
     return pieces
 
 
-register("prefix", PrefixConfig, build, peft_type="PREFIX_TUNING")
+def build_prefix(model: nn.Module, config: PrefixConfig) -> dict:
+    return build(model, config, peft_layout=True)
+
+
+register("prefix", PrefixConfig, build_prefix, peft_type="PREFIX_TUNING")

@@ -25,6 +25,7 @@ from ..core.model import MODEL_LEVEL, ModelPiece
 from ..core.registry import register
 
 INITS = ("random", "vocab", "text", "labels")
+PEFT_PROMPT_ROOT = "base_model."  # PEFT keys prompt-learning deltas' task heads as base_model.<path>
 
 
 @dataclass
@@ -110,6 +111,8 @@ def initial_prompts(embeddings: nn.Embedding, n: int, init: str, token_ids) -> t
 class PromptEmbedding(ModelPiece):
     """n trained vectors prepended to the (encoder) input embeddings."""
 
+    file_key_root = PEFT_PROMPT_ROOT
+
     def __init__(self, model, vectors: torch.Tensor):
         super().__init__()
         self.layout = InputLayout(model)
@@ -127,7 +130,7 @@ class PromptEmbedding(ModelPiece):
 
     def prepare_generate(self, model, kwargs):
         kwargs, _ = prepend_prompts(self.layout, model.base_model, dict(kwargs), self.prompts(), generating=True)
-        return kwargs, None
+        return (kwargs if self.layout.encoder_decoder else fit_embeds_to_mask(kwargs)), None
 
     def file_config(self, cfg: dict) -> dict:
         return self.layout.peft_facts(cfg, token_dim=self.prompt_embeddings.shape[1])
@@ -193,10 +196,21 @@ def input_embeddings(model, kwargs, ids=None):
 
 
 def cached_length(kwargs) -> int:
+    """Tokens already in a passed cache, not counting a prefix delta's virtual positions."""
     cache = kwargs.get("past_key_values")
     if cache is None or not hasattr(cache, "get_seq_length"):
         return 0
-    return int(cache.get_seq_length())
+    return int(cache.get_seq_length()) - int(getattr(cache, "deltatune_prefix", 0) or 0)
+
+
+def fit_embeds_to_mask(kwargs) -> dict:
+    """generate() takes inputs_embeds to span the cached positions too and drops that many from the
+    front: give a cached prefix placeholder rows there (decoder-only; idempotent)."""
+    emb, mask = kwargs.get("inputs_embeds"), kwargs.get("attention_mask")
+    if emb is not None and mask is not None and mask.shape[1] > emb.shape[1] and kwargs.get("past_key_values"):
+        lead = emb.new_zeros(emb.shape[0], mask.shape[1] - emb.shape[1], emb.shape[2])
+        kwargs["inputs_embeds"] = torch.cat([lead, emb], dim=1)
+    return kwargs
 
 
 def widen_mask(mask, n, batch, length, past=0, device=None, dtype=torch.long):
