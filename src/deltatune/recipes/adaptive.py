@@ -20,8 +20,8 @@ from ..core.model import DeltaModel, attach
 from ..data.sources import DataConfig, load_examples
 from ..data.tasks import TaskConfig
 from . import register_recipe
-from .common import (body_config, carry_delta, check_train_changes, evaluate_task, fit, for_task, lm_objective, load_data,
-                     load_tokenizer, phase_config, save_final, task_job, texts_of)
+from .common import (body_config, carry_delta, check_train_changes, evaluate_task, fit, for_task, lm_objective,
+                     load_body_delta, load_data, load_tokenizer, phase_config, save_final, task_job, texts_of)
 
 CARRY = ("continue", "merge", "stack")
 
@@ -54,7 +54,7 @@ def adapt(cfg, opts, tok, task_train, task_eval):
     else:
         train, test = texts_of(task_train, cfg.task.text_key), texts_of(task_eval, cfg.task.text_key)
     lm_task = TaskConfig(type=lm_objective(cfg, tok, opts.objective), max_length=opts.max_length)
-    delta = config_from_dict(opts.delta) if opts.delta else body_config(cfg.delta_config(), opts.heads)
+    delta = body_config(config_from_dict(opts.delta) if opts.delta else cfg.delta_config(), opts.heads)
     job = task_job(cfg, task=lm_task, delta=delta, tokenizer=tok, examples=(train, test, None))
     result = fit(job, phase_config(cfg, "adapt", **opts.train))
     result["objective"] = lm_task.type
@@ -93,7 +93,7 @@ def evaluate(cfg, delta_dir) -> dict:
         return evaluate_task(cfg, delta_dir)
 
     def prepare(base):
-        model = DeltaModel(base).load_delta(Path(delta_dir) / "adapted", name="adapted")
+        model = load_body_delta(base, Path(delta_dir) / "adapted", "adapted")
         if carry == "merge":
             return DeltaModel.from_pretrained(model.merge_and_unload(), delta_dir)
         model.load_delta(delta_dir, name="default")

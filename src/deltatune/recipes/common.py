@@ -110,9 +110,20 @@ def fit(job: Job, train: TrainConfig, evaluate_before: bool = True, **trainer_kw
         out["before"] = trainer.evaluate()
     out["fit"] = trainer.fit()
     if job.eval:
-        out["after"] = trainer.evaluate()
+        out["after"] = final_metrics(trainer, out["fit"]["steps"])
     out["trainable"] = job.model.trainable_summary() if hasattr(job.model, "trainable_summary") else None
     return out
+
+
+def final_metrics(trainer, steps: int) -> dict:
+    """Metrics of the trained model: the loop's own evaluation at the last step when it made
+    one (no second pass over the data), else a fresh evaluation."""
+    for record in reversed(trainer.history):
+        if any(k.startswith("eval_") for k in record):
+            if record.get("step") == steps:
+                return {k[5:]: v for k, v in record.items() if k.startswith("eval_")}
+            break
+    return trainer.evaluate()
 
 
 def carry_delta(src: DeltaModel, dst_base, name: str = "default", config=None, new_name: str | None = None,
@@ -121,7 +132,8 @@ def carry_delta(src: DeltaModel, dst_base, name: str = "default", config=None, n
     and copy its tensors at every module path both have; the destination's own new parts
     (a task head) keep their fresh initialisation unless heads=True (same head shapes).
     Returns the destination DeltaModel."""
-    config = copy.deepcopy(config or src.configs[name])
+    # without an explicit config the destination gets the source's delta minus its heads
+    config = copy.deepcopy(config or (src.configs[name] if heads else body_config(src.configs[name])))
     dst = dst_base if isinstance(dst_base, DeltaModel) else DeltaModel(dst_base)
     new_name = new_name or name
     dst.add_delta(new_name, config, trainable=trainable)
@@ -202,3 +214,21 @@ def texts_of(examples: list[dict], key: str) -> list[dict]:
     if examples and key not in examples[0]:
         raise ConfigError(f"The examples have no {key!r} column (columns: {sorted(examples[0])}); set text_key.")
     return [{"text": e[key]} for e in examples]
+
+
+def load_body_delta(base, path, name: str) -> DeltaModel:
+    """Attach a saved delta's body part (not its heads) to `base` under `name`, frozen: the
+    phase-1 delta of a two-phase recipe, loaded into the phase-2 (task) model. Module paths
+    the file has no weights for keep their (identity) initialisation, as in `carry_delta`."""
+    from ..core.io import PREFIX, read_delta
+    from ..core.model import config_from_file
+    cfg_dict, tensors = read_delta(path)
+    model = base if isinstance(base, DeltaModel) else DeltaModel(base)
+    model.add_delta(name, body_config(config_from_file(cfg_dict)), trainable=False)
+    for mpath, piece in model.pieces_of(name).items():
+        key = PREFIX + mpath + "." if mpath else ""
+        state = ({k[len(key):]: v for k, v in tensors.items() if k.startswith(key)} if key else
+                 {k: v for k, v in tensors.items() if not k.startswith(PREFIX)})
+        if state:  # a module the phase-1 model lacked (a masked-LM BERT has no pooler) keeps its init,
+            piece.load_file_state(state)  # exactly as carry_delta left it during training
+    return model

@@ -46,6 +46,7 @@ class InstructionOptions:
     tasks: list[InstructionTask] = field(default_factory=list)
     held_out: list[str] = field(default_factory=list)  # task names evaluated zero-shot only
     max_eval: int = 200                                # evaluation examples per task
+    evaluate_seen: bool = False                        # also score the training tasks' eval rows
 
     def __post_init__(self):
         names = [t.name for t in self.tasks]
@@ -144,7 +145,8 @@ def run(cfg) -> dict:
         result["zero_shot_before"] = evaluate_tasks(model, tok, held, evals, sft.system)
     result["fit"] = fit(job, phase_config(cfg))
     result["zero_shot_after"] = evaluate_tasks(model, tok, held, evals, sft.system)
-    result["seen_after"] = evaluate_tasks(model, tok, seen, evals, sft.system)
+    if opts.evaluate_seen:
+        result["seen_after"] = evaluate_tasks(model, tok, seen, evals, sft.system)
     result["delta"] = save_final(model, cfg.output_dir)
     return result
 

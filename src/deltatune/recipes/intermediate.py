@@ -13,8 +13,8 @@ from ..core.model import DeltaModel, attach
 from ..data.sources import DataConfig
 from ..data.tasks import TaskConfig
 from . import register_recipe
-from .common import (carry_delta, check_train_changes, evaluate_task, fit, for_task, load_tokenizer, phase_config,
-                     save_final, task_job)
+from .common import (carry_delta, check_train_changes, evaluate_task, fit, for_task, load_body_delta, load_tokenizer,
+                     phase_config, save_final, task_job)
 
 
 @dataclass
@@ -58,30 +58,10 @@ def evaluate(cfg, delta_dir) -> dict:
         return evaluate_task(cfg, delta_dir)
 
     def prepare(base):
-        body = DeltaModel(base)
-        body.add_delta("intermediate", body_only(Path(delta_dir) / "intermediate"), trainable=False)
-        return DeltaModel.from_pretrained(_load_body(body, Path(delta_dir) / "intermediate"), delta_dir)
+        body = load_body_delta(base, Path(delta_dir) / "intermediate", "intermediate")
+        return DeltaModel.from_pretrained(body.merge_and_unload(), delta_dir)
     job = task_job(cfg, prepare=prepare)
     return job.trainer(for_task(phase_config(cfg, save=False), job.task)).evaluate()
-
-
-def body_only(path):
-    """Task A's delta config without its head (B's model has its own head)."""
-    import dataclasses
-
-    from ..core.io import read_delta
-    from ..core.model import config_from_file
-    return dataclasses.replace(config_from_file(read_delta(path)[0]), modules_to_save=[])
-
-
-def _load_body(model, path):
-    """Copy task A's body tensors into `model`'s "intermediate" delta, then fold it in."""
-    from ..core.io import PREFIX, read_delta
-    _, tensors = read_delta(path)
-    for mpath, piece in model.pieces_of("intermediate").items():
-        piece.load_file_state({k[len(PREFIX + mpath) + 1:]: v for k, v in tensors.items()
-                               if k.startswith(PREFIX + mpath + ".")})
-    return model.merge_and_unload()
 
 
 register_recipe("intermediate", IntermediateOptions, run, evaluate)

@@ -90,7 +90,7 @@ def smart_logits(model, inputs, clean, eps, noise, steps, step_size):
             kl = symmetric_kl(clean, model(**inputs).logits)
             (grad,) = torch.autograd.grad(kl, state["z"])
             z = state["z"] + step_size * grad / (grad.norm(dim=-1, keepdim=True) + 1e-12)
-            state["z"] = z.clamp(-eps, eps).detach()  # the eps ball (infinity norm)
+            state["z"] = z.clamp(-eps, eps).detach().requires_grad_(True)  # back into the eps ball
         return model(**inputs).logits
 
 

@@ -1,0 +1,85 @@
+"""Run YAML -> dataclass configs (strict keys, nearest-key errors, dotted overrides) and the
+`deltatune train` / `deltatune eval` commands on a tiny model."""
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from deltatune.cli import build_parser, main
+from deltatune.config_file import apply_override, load_run_config
+from deltatune.core.errors import ConfigError
+from deltatune.methods.lora import LoRAConfig
+
+BASE = {"output_dir": "out", "model": {"path": "minilm"}, "delta": {"method": "lora", "r": 4},
+        "data": {"source": "sms_spam"}, "task": {"type": "classification"}, "train": {"lr": "1e-4"}}
+
+
+def test_yaml_maps_onto_the_python_configs():
+    cfg = load_run_config(raw=BASE)
+    assert cfg.train.lr == 1e-4 and cfg.train.output_dir == "out"  # YAML's "1e-4" string is a float here
+    assert cfg.delta_config() == LoRAConfig(r=4)
+    assert cfg.recipe == "task"
+    again = load_run_config(raw=cfg.to_dict())
+    assert again.to_dict() == cfg.to_dict()
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"trian": {}}, "Did you mean 'train'"),
+    ({"train": {"lrr": 1}}, "'train.lrr'.* Did you mean 'lr'"),
+    ({"data": {"sorce": "x"}}, "'data.sorce'.* Did you mean 'source'"),
+    ({"task": {"type": "clasification"}}, "Did you mean 'classification'"),
+    ({"delta": {"method": "lora", "rr": 4}}, "delta: .*'rr'.*Did you mean 'r'"),
+    ({"recipe": {"name": "adaptiv"}}, "Did you mean 'adaptive'"),
+    ({"recipe": {"name": "adaptive", "carr": "merge"}}, "'recipe.carr'.* Did you mean 'carry'"),
+    ({"recipe": {"name": "multitask", "tasks": [{"name": "b", "dta": {}}]}}, "'recipe.tasks.0.dta'"),
+    ({"train": {"output_dir": "x"}}, "top-level"),
+    ({"output_dir": ""}, "needs output_dir"),
+    ({"train": {"epochs": "many"}}, "train.epochs must be a number"),
+])
+def test_unknown_or_bad_keys_name_the_fix(change, message):
+    with pytest.raises(ConfigError, match=message):
+        load_run_config(raw={**BASE, **change})
+
+
+def test_dotted_overrides():
+    raw = {"recipe": {"name": "multitask", "tasks": [{"name": "a", "data": {"source": "bbc_news"}}]}}
+    apply_override(raw, "recipe.tasks.0.data.max_train=100")
+    apply_override(raw, "train.lr=3e-4")
+    apply_override(raw, "model.tiny={hidden_size: 16}")
+    assert raw["recipe"]["tasks"][0]["data"]["max_train"] == 100
+    assert raw["train"]["lr"] == "3e-4" and raw["model"]["tiny"] == {"hidden_size": 16}
+    cfg = load_run_config(raw=BASE, overrides=["output_dir=elsewhere", "recipe=pet", "recipe.verbalizer=[a, b]"])
+    assert cfg.train.output_dir == "elsewhere" and cfg.recipe_options.verbalizer == ["a", "b"]
+    with pytest.raises(ConfigError, match="key=value"):
+        apply_override({}, "train.lr")
+    with pytest.raises(ConfigError, match="index it with 0..0"):
+        apply_override(raw, "recipe.tasks.3.name=x")
+
+
+def test_help_lists_the_subcommands():
+    text = build_parser().format_help()
+    for cmd in ("demo", "train", "eval", "info", "merge"):
+        assert cmd in text
+
+
+def test_train_then_eval_on_a_tiny_model(tmp_path, capsys):
+    cfg = {**BASE, "model": {"path": "minilm", "tiny": True}, "output_dir": str(tmp_path / "run"),
+           "data": {"source": "sms_spam", "max_train": 24, "max_eval": 12},
+           "task": {"type": "classification", "max_length": 24},
+           "train": {"epochs": 1, "batch_size": 8, "lr": 1e-3, "progress": False, "plot": False,
+                     "tensorboard": False}}
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert main(["train", str(path), "train.seed=3"]) == 0
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["fit"]["steps"] == 3 and (tmp_path / "run" / "final" / "adapter_model.safetensors").exists()
+    assert yaml.safe_load((tmp_path / "run" / "run.yaml").read_text())["train"]["seed"] == 3
+    capsys.readouterr()
+    assert main(["eval", str(path), "train.seed=3"]) == 0
+    metrics = json.loads(capsys.readouterr().out)
+    assert metrics["accuracy"] == pytest.approx(results["after"]["accuracy"])
+    assert metrics["loss"] == pytest.approx(results["after"]["loss"], rel=1e-5)
+    assert main(["train", str(path), "trian.lr=1"]) == 2  # a config error: message, exit code 2
+    assert "Did you mean 'train'" in capsys.readouterr().err
+    assert Path(tmp_path / "run" / "best").exists()

@@ -1,0 +1,203 @@
+"""Every examples/*.yaml on a tiny model, plus the recipes' own pieces against references:
+PET verbalizer scoring, kNN retrieval, seed abandonment, regularisers, delta carrying."""
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+import yaml
+
+import deltatune as dt
+from deltatune import recipes
+from deltatune.config_file import load_run_config
+from deltatune.core.errors import ConfigError
+from deltatune.data.models import load_tokenizer
+from deltatune.data.retrieval import KNNIndex, nearest_demonstrations
+from deltatune.recipes.common import carry_delta
+from deltatune.recipes.pet import cloze_features, make_objective, verbalizer_ids, verbalizer_logits
+from deltatune.recipes.regularizers import SpectralNormHead, make_regularized_loss, smart_logits, symmetric_kl
+from tiny import bert, llama
+
+EXAMPLES = sorted(Path(__file__).parent.parent.glob("examples/*.yaml"))
+SMALL = ["model.tiny=true", "train.max_steps=2", "train.batch_size=4", "train.eval_batch_size=8",
+         "train.progress=false", "train.plot=false", "train.tensorboard=false", "task.max_new_tokens=3"]
+
+
+def shrink(node):
+    """Every data section of a run config down to a handful of examples."""
+    if isinstance(node, dict):
+        for k, v in node.items():
+            if k == "data" and isinstance(v, dict):
+                v.update(max_train=12, max_eval=6)
+            shrink(v)
+    elif isinstance(node, list):
+        for v in node:
+            shrink(v)
+
+
+def tiny_run(path, tmp_path, extra=()):
+    raw = yaml.safe_load(Path(path).read_text())
+    shrink(raw)
+    if isinstance(raw.get("recipe"), dict) and raw["recipe"].get("name") == "instruction":
+        raw["recipe"]["max_eval"] = 3
+    raw["task"]["max_length"] = min(raw["task"].get("max_length", 128), 96)
+    cfg = load_run_config(raw=raw, overrides=SMALL + [f"output_dir={tmp_path / 'run'}", *extra])
+    return cfg, recipes.run(cfg)
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.stem)
+def test_example_runs_on_a_tiny_model(path, tmp_path):
+    cfg, results = tiny_run(path, tmp_path)
+    out = tmp_path / "run"
+    assert json.loads((out / "results.json").read_text()).keys() == json.loads(json.dumps(results)).keys()
+    assert (Path(results["delta"]) / "adapter_model.safetensors").exists()
+    assert (out / "run.yaml").exists()
+
+
+# ---- PET ----------------------------------------------------------------------------------------------
+def test_pet_scores_verbalizer_words_at_the_blank():
+    tok = load_tokenizer("minilm")
+    ids = verbalizer_ids(tok, ["bad", "good"])
+    assert ids == tok.convert_tokens_to_ids(["bad", "good"])
+    with pytest.raises(ConfigError, match="one token per label"):
+        verbalizer_ids(tok, ["bad", "unbelievably"])
+    feats = cloze_features(tok, [{"text": "what a film", "label": 1}, {"text": "awful", "label": 0}],
+                           "{text} It was {mask}.", causal=False, chat=False, max_length=32)
+    assert all(f["input_ids"][f["positions"]] == tok.mask_token_id for f in feats)
+    from transformers import BertConfig, BertForMaskedLM
+    torch.manual_seed(0)
+    model = BertForMaskedLM(BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=1,
+                                       num_attention_heads=4, intermediate_size=64)).eval()
+    batch = dt.data.Collator(tok.pad_token_id)(feats)
+    with torch.no_grad():
+        scores = verbalizer_logits(model, batch, ids)
+        full = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    ref = torch.stack([full[i, feats[i]["positions"], ids] for i in range(2)])
+    torch.testing.assert_close(scores, ref)
+    loss_fn, eval_fn = make_objective(ids)
+    with torch.no_grad():
+        torch.testing.assert_close(loss_fn(model, batch), F.cross_entropy(ref, batch["labels"]))
+        m = eval_fn(model, [batch])
+    assert m["accuracy"] == (ref.argmax(-1) == batch["labels"]).float().mean().item()
+
+
+def test_pet_causal_position_is_the_last_token():
+    tok = load_tokenizer("smollm2")
+    (f,) = cloze_features(tok, [{"text": "win cash now", "label": 1}], "Message: {text}\nSpam:{mask}",
+                          causal=True, chat=False, max_length=64)
+    assert f["positions"] == len(f["input_ids"]) - 1
+    assert tok.decode(f["input_ids"]).endswith("Spam:")
+    (short,) = cloze_features(tok, [{"text": "word " * 200, "label": 0}], "Message: {text}\nSpam:{mask}",
+                              causal=True, chat=False, max_length=40)
+    assert len(short["input_ids"]) <= 40 and tok.decode(short["input_ids"]).endswith("Spam:")
+
+
+# ---- kNN retrieval -------------------------------------------------------------------------------------
+def test_knn_matches_brute_force_and_excludes_self():
+    rng = np.random.default_rng(0)
+    vecs = rng.normal(size=(50, 8)).astype("float32")
+    vecs /= np.linalg.norm(vecs, axis=1, keepdims=True)
+    index = KNNIndex(vecs)
+    sims = vecs @ vecs.T
+    got = index.search(vecs[:5], k=3)
+    assert (got == np.argsort(-sims[:5], axis=1)[:, :3]).all()
+    no_self = index.search(vecs, k=3, exclude_self=True)
+    np.fill_diagonal(sims, -np.inf)
+    assert (no_self == np.argsort(-sims, axis=1)[:, :3]).all()
+
+
+def test_nearest_demonstrations_with_the_sentence_encoder():
+    from deltatune.data.retrieval import SentenceEncoder
+    enc = SentenceEncoder("minilm")
+    pool = ["The football match ended in a draw.", "Stocks fell sharply on Monday.",
+            "The striker scored twice in the final.", "Interest rates rise again."]
+    near = nearest_demonstrations(enc, pool, ["A goal in the last minute won the game."], k=2)
+    assert set(near[0]) == {0, 2}
+    assert (nearest_demonstrations(enc, pool, None, k=1)[:, 0] == [2, 3, 0, 1]).all()
+
+
+# ---- robust: seed abandonment and regularisers ----------------------------------------------------------
+def robust_raw(tmp_path, seeds, keep):
+    return {"output_dir": str(tmp_path / "robust"), "model": {"path": "minilm", "tiny": True},
+            "delta": {"method": "lora", "r": 4}, "data": {"source": "sms_spam", "max_train": 32, "max_eval": 16},
+            "task": {"type": "classification", "max_length": 24},
+            "train": {"epochs": 1, "batch_size": 4, "lr": 5e-3, "progress": False, "plot": False,
+                      "tensorboard": False, "metric": "loss"},
+            "recipe": {"name": "robust", "seeds": seeds, "abandon_at": 0.25, "keep": keep}}
+
+
+def test_seed_abandonment_keeps_the_best_and_resumes_exactly(tmp_path):
+    cfg = load_run_config(raw=robust_raw(tmp_path, [0, 1, 2], 1))
+    res = recipes.run(cfg)
+    runs = res["runs"]
+    scores = {s: runs[s]["score_at_abandon"] for s in runs}
+    assert res["ranking_at_abandon"] == sorted(scores, key=scores.get)  # loss: lower is better
+    assert all(runs[s]["step"] == 2 and runs[s]["total_steps"] == 8 for s in runs)
+    (best,) = [s for s in runs if runs[s].get("finished")]
+    assert best == res["ranking_at_abandon"][0] and res["abandoned"] == res["ranking_at_abandon"][1:]
+    assert res["finished"][best]["fit"]["steps"] == 8
+    # the abandoned-then-resumed run equals one uninterrupted run of the same seed
+    plain = load_run_config(raw={**robust_raw(tmp_path, [0], 1), "output_dir": str(tmp_path / "plain"),
+                                 "recipe": "task"}, overrides=[f"train.seed={best}", "train.eval_steps=2"])
+    recipes.run(plain)
+    _, a = dt.core.io.read_delta(tmp_path / "robust" / "final")
+    _, b = dt.core.io.read_delta(tmp_path / "plain" / "final")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
+
+
+def test_symmetric_kl_by_hand():
+    p, q = torch.tensor([[1.0, 2.0, 0.5]]), torch.tensor([[0.2, 1.0, 1.5]])
+    pp, qq = p.softmax(-1), q.softmax(-1)
+    ref = (pp * (pp / qq).log()).sum() + (qq * (qq / pp).log()).sum()
+    torch.testing.assert_close(symmetric_kl(p, q), ref)
+
+
+def test_r3f_and_smart_losses():
+    torch.manual_seed(0)
+    model = dt.attach(bert(), dt.LoRAConfig(r=2))
+    ids = torch.randint(3, 100, (4, 6))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": torch.tensor([0, 1, 0, 1])}
+    model.eval()
+    plain = model(**batch).loss
+    torch.testing.assert_close(make_regularized_loss("r3f", eps=0.0)(model, batch), plain)  # no noise: no KL
+    assert make_regularized_loss("r3f", eps=1e-1)(model, batch) > plain
+    # SMART: the adversarial perturbation raises the KL over the random start, inside the eps ball
+    inputs = {"input_ids": ids, "attention_mask": batch["attention_mask"]}
+    clean = model(**inputs).logits.detach()
+    torch.manual_seed(1)
+    random_kl = symmetric_kl(clean, smart_logits(model, inputs, clean, 0.5, "uniform", 0, 0.0))
+    torch.manual_seed(1)
+    adv_kl = symmetric_kl(clean, smart_logits(model, inputs, clean, 0.5, "uniform", 2, 0.5))
+    assert adv_kl > random_kl
+    loss = make_regularized_loss("smart", eps=1e-2)(model, batch)
+    loss.backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+
+
+def test_spectral_norm_head_callback():
+    model = dt.attach(bert(), dt.LoRAConfig(r=2))
+    cb = SpectralNormHead(model)
+    with torch.no_grad():
+        cb.weights[0].mul_(7.0)
+    cb(None, 1)
+    torch.testing.assert_close(torch.linalg.matrix_norm(cb.weights[0], ord=2), torch.tensor(1.0))
+
+
+# ---- carrying a delta between heads ----------------------------------------------------------------------
+def test_carry_delta_copies_the_body_and_keeps_the_new_head():
+    from transformers import LlamaForSequenceClassification
+    src = dt.attach(llama(), dt.LoRAConfig(r=2, modules_to_save=[]))
+    with torch.no_grad():
+        for p in src.delta_parameters("default"):
+            p.normal_()
+    dst_base = llama(seed=1, cls=LlamaForSequenceClassification, num_labels=3)
+    head = dst_base.score.weight.clone()
+    dst = carry_delta(src, dst_base, config=dt.LoRAConfig(r=2))
+    s, d = src.delta_state("default"), dst.delta_state("default")
+    assert set(s) < set(d)  # the destination adds its head
+    for k in s:
+        torch.testing.assert_close(s[k], d[k])
+    torch.testing.assert_close(d["base_model.model.score.weight"], head)
