@@ -33,4 +33,11 @@ CASES = {
     "prefix_reparam": dict(make=lambda: dt.PrefixConfig(num_virtual_tokens=3, reparam_hidden=16),
                            mergeable=False, unloadable=False),
     "p_tuning_v2": dict(make=lambda: dt.PTuningV2Config(num_virtual_tokens=3), mergeable=False, unloadable=False),
+    # sparse and low-dimensional deltas (issue 5)
+    "diff_pruning": dict(make=lambda: dt.DiffPruningConfig(density=0.05), identity_at_init=True, mergeable=True),
+    "diff_pruning_rows": dict(make=lambda: dt.DiffPruningConfig(density=0.1, structured=True),
+                              identity_at_init=True, mergeable=True),
+    "intrinsic": dict(make=lambda: dt.IntrinsicConfig(dim=100), identity_at_init=True, mergeable=True),
+    "intrinsic_dense_said": dict(make=lambda: dt.IntrinsicConfig(dim=60, projection="dense", said=True),
+                                 identity_at_init=True, mergeable=True),
 }

@@ -13,6 +13,8 @@ from .methods.p_tuning import PTuningConfig
 from .methods.p_tuning_v2 import MultiTaskPrompt, PTuningV2Config
 from .methods.prefix import PrefixConfig
 from .methods.prompt_tuning import PromptTuningConfig
+from .methods.diff_pruning import DiffPruningConfig
+from .methods.intrinsic import IntrinsicConfig
 from .compose import (EMA, Average, Ensemble, Fuse, Snapshots, Stack, average_deltas,  # noqa: E402
                       copy_delta)
 from . import data, train  # noqa: E402  (dt.data.sms_spam, dt.train.Trainer)
@@ -26,6 +28,7 @@ __all__ = [
     "AdapterConfig", "FusionConfig", "Stack", "Fuse", "Average", "average_deltas", "copy_delta", "EMA",
     "Snapshots", "Ensemble",
     "PromptTuningConfig", "PTuningConfig", "PrefixConfig", "PTuningV2Config", "MultiTaskPrompt",
+    "DiffPruningConfig", "IntrinsicConfig",
     "DeltaError", "ConfigError", "CorruptFileError", "IncompatibleDeltaError", "TargetNotFoundError",
     "UnknownMethodError",
 ]

@@ -19,6 +19,7 @@ class DeltaPiece(nn.Module):
 
     replaces_base = False  # the piece computes the module output itself
     mergeable = False
+    sparse_file = False  # saved tensors vary in size (indices + values): load_file_state checks them
 
     def forward(self, x, out, base_layer):  # pragma: no cover - interface
         raise NotImplementedError

@@ -25,6 +25,10 @@ class ModelPiece(nn.Module):
     `prepare(model, kwargs)` returns new forward kwargs and a function applied to
     the outputs; `prepare_generate` does the same for `generate`."""
 
+    # True only for a piece that changes no inputs/outputs and holds parameters its layer
+    # pieces share (intrinsic's theta_d): merging the layer pieces then captures the delta
+    mergeable = False
+
     def prepare(self, model, kwargs):  # pragma: no cover - interface
         raise NotImplementedError
 
@@ -110,6 +114,7 @@ class DeltaModel(nn.Module):
         ref = next(mod.base_layer.parameters(), None)
         if ref is not None:
             piece.to(device=ref.device)
+        piece.train(mod.base_layer.training)  # a new piece follows the model's train/eval mode (dropout, gates)
         mod.deltas[name] = piece
 
     def pieces_of(self, name: str) -> dict[str, nn.Module]:
@@ -195,7 +200,9 @@ class DeltaModel(nn.Module):
         self._check_names(names)
         for n in names:
             pieces = self.pieces_of(n)
-            if MODEL_LEVEL in pieces or not all(p.mergeable or p.replaces_base for p in pieces.values()):
+            # a model-level piece may be mergeable when it only holds parameters its layer pieces share
+            if not all(getattr(p, "mergeable", False) or getattr(p, "replaces_base", False)
+                       for p in pieces.values()):
                 raise ConfigError(f"Delta {n!r} ({self.configs[n].method}) adds modules or inputs, not weight "
                                   "changes, so it cannot be merged into the weights; keep it attached.")
         for n in names:
@@ -362,7 +369,7 @@ class DeltaModel(nn.Module):
                 if k not in expected:
                     raise IncompatibleDeltaError(f"Delta {str(source)!r} has unexpected weights {k!r} "
                                                  f"for module {path!r}.")
-                if tuple(expected[k].shape) != tuple(v.shape):
+                if not getattr(piece, "sparse_file", False) and tuple(expected[k].shape) != tuple(v.shape):
                     raise IncompatibleDeltaError(
                         f"Delta {str(source)!r} does not fit this base model: module {path!r} weight {k!r} has "
                         f"shape {tuple(v.shape)} in the file but {tuple(expected[k].shape)} here "

@@ -1,4 +1,5 @@
 """Built-in methods: importing a module registers it."""
 from . import bitfit, lora, partial  # noqa: F401
 from . import adapters  # noqa: F401
+from . import diff_pruning, intrinsic  # noqa: F401
 from . import p_tuning, p_tuning_v2, prefix, prompt_tuning  # noqa: F401

@@ -1,0 +1,286 @@
+"""Diff pruning (Guo, Rush & Kim 2021): a sparse task delta `delta = z * w`.
+
+Every targeted weight W gets a dense diff `w` (zero at start, so training starts
+at the base model) and a hard-concrete gate `z` per entry (or per output row,
+`structured=True`), a relaxed L0 mask (Louizos et al. 2018):
+
+    u ~ U(0, 1),  s = sigmoid((log u - log(1 - u) + log_alpha) / beta)
+    z = clamp(s * (r - l) + l, 0, 1),  E[z != 0] = sigmoid(log_alpha - beta * log(-l / r))
+
+`l0_penalty` pushes the expected density down to `density`; `project` then keeps
+exactly the `density` share of entries with the largest |z * w| (ranked over the
+whole delta), and the delta can be fine-tuned briefly with the mask fixed. A
+projected piece holds only indices + values, and is saved that way: at 0.5 %
+density the file is about 1 % of the dense delta's size.
+
+    model = dt.attach(base, dt.DiffPruningConfig(density=0.005))
+    Trainer(model, cfg, data, loss_fn=with_l0_penalty()).fit()   # 1. relaxed L0
+    project(model)                                               # 2. exact sparsity
+    Trainer(model, cfg2, data).fit()                             # 3. optional, mask fixed
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from ..core.config import DeltaConfig
+from ..core.errors import ConfigError, IncompatibleDeltaError
+from ..core.layer import DeltaPiece
+from ..core.registry import register
+from ..core.targets import find_targets
+
+
+@dataclass
+class DiffPruningConfig(DeltaConfig):
+    density: float = field(default=0.005, metadata={
+        "help": "target share of non-zero delta entries over the targeted weights (0.005 = 0.5 %)"})
+    targets: list[str] | str = field(default="all-linear", metadata={
+        "help": "module-name suffixes, a regex on the full path, or 'all-linear' (all but the output head)"})
+    layers: list[int] | None = field(default=None, metadata={"help": "only these layer indices"})
+    structured: bool = field(default=False, metadata={
+        "help": "one gate per output row instead of per entry; projection keeps whole rows"})
+    l0_weight: float = field(default=1.0, metadata={
+        "help": "penalty weight: l0_weight * max(0, expected density - density), added by l0_penalty"})
+    alpha_init: float = field(default=5.0, metadata={"help": "initial log_alpha: gates start open (z = 1)"})
+    gate_scale: float = field(default=1.0, metadata={
+        "help": "log_alpha = gate_scale * parameter, i.e. the gates' learning rate relative to the diff's"})
+    temperature: float = field(default=1.0, metadata={"help": "hard-concrete temperature beta"})
+    stretch: list[float] = field(default_factory=lambda: [-1.5, 1.5], metadata={
+        "help": "hard-concrete stretch interval (l, r), l < 0 < 1 < r"})
+
+    mergeable = True
+
+    def __post_init__(self):
+        if not 0.0 < self.density <= 1.0:
+            raise ConfigError(f"DiffPruningConfig density must be in (0, 1], got {self.density} "
+                              "(e.g. 0.005 keeps 0.5 % of the entries).")
+        lo, hi = self.stretch
+        if not (lo < 0.0 and hi > 1.0):
+            raise ConfigError(f"DiffPruningConfig stretch must be (l, r) with l < 0 and r > 1, got {self.stretch}.")
+        if self.temperature <= 0 or self.gate_scale <= 0:
+            raise ConfigError("DiffPruningConfig temperature and gate_scale must be > 0.")
+
+
+class DiffLinear(DeltaPiece):
+    """The diff of one Linear / GPT-2 Conv1D weight, kept in (out, in) orientation.
+
+    Before `project`: parameters `diff` (out, in) and `gate` ((out, in), or (out, 1)
+    when structured). After: buffer `indices` (flat entry or row indices) and
+    parameter `values` ((k,) or (k, in)); the dense tensors are dropped."""
+
+    mergeable = True
+    sparse_file = True  # the saved indices/values vary in size; load_file_state checks them
+
+    def __init__(self, base_layer, config: DiffPruningConfig):
+        super().__init__()
+        self.fan_in_fan_out = isinstance(base_layer, Conv1D)
+        w = base_layer.weight
+        self.shape = tuple(w.T.shape if self.fan_in_fan_out else w.shape)
+        self.structured = config.structured
+        self.lo, self.hi = (float(v) for v in config.stretch)
+        self.beta, self.gate_scale = float(config.temperature), float(config.gate_scale)
+        dtype = w.dtype if w.is_floating_point() else torch.float32
+        gate_shape = (self.shape[0], 1) if self.structured else self.shape
+        self.diff = nn.Parameter(torch.zeros(self.shape, dtype=dtype, device=w.device))
+        self.gate = nn.Parameter(torch.full(gate_shape, config.alpha_init / self.gate_scale, dtype=dtype,
+                                            device=w.device))
+        self.register_buffer("indices", None)
+        self.register_parameter("values", None)
+
+    @property
+    def projected(self) -> bool:
+        return self.values is not None
+
+    @property
+    def numel(self) -> int:
+        return self.shape[0] * self.shape[1]
+
+    # -- the hard-concrete gate ------------------------------------------------
+    def log_alpha(self):
+        return self.gate * self.gate_scale
+
+    def sample_gate(self):
+        """z: a hard-concrete sample while training, its deterministic value otherwise."""
+        log_alpha = self.log_alpha()
+        if self.training:
+            u = torch.rand_like(log_alpha).clamp(1e-6, 1 - 1e-6)
+            s = torch.sigmoid((torch.log(u) - torch.log1p(-u) + log_alpha) / self.beta)
+        else:
+            s = torch.sigmoid(log_alpha)
+        return (s * (self.hi - self.lo) + self.lo).clamp(0.0, 1.0)
+
+    def expected_l0(self) -> torch.Tensor:
+        """Expected number of non-zero delta entries, P(z != 0) summed over the entries."""
+        if self.projected:
+            return torch.tensor(float(self.values.numel()))
+        p = torch.sigmoid(self.log_alpha() - self.beta * math.log(-self.lo / self.hi))
+        return p.sum() * (self.shape[1] if self.structured else 1)
+
+    # -- the delta ---------------------------------------------------------------
+    def delta(self) -> torch.Tensor:
+        """The dense (out, in) weight delta."""
+        if not self.projected:
+            return self.sample_gate() * self.diff
+        dense = torch.zeros(self.shape, dtype=self.values.dtype, device=self.values.device)
+        if self.structured:
+            return dense.index_put((self.indices.long(),), self.values)
+        return dense.view(-1).index_put((self.indices.long(),), self.values).view(self.shape)
+
+    def forward(self, x, out, base_layer):
+        d = self.delta()
+        return out + F.linear(x.to(d.dtype), d).to(out.dtype)
+
+    def merge_deltas(self, base_layer):
+        d = self.delta().detach()
+        return {"weight": d.T if self.fan_in_fan_out else d}
+
+    # -- projection ----------------------------------------------------------------
+    def scores(self) -> torch.Tensor:
+        """What projection ranks: |z * w| per entry, or a row's RMS (per-entry magnitude, so
+        rows of different lengths compete fairly) when structured."""
+        with torch.no_grad():
+            mag = self.delta().abs().float()
+            return mag.pow(2).mean(dim=1).sqrt() if self.structured else mag.view(-1)
+
+    def keep(self, idx: torch.Tensor) -> None:
+        """Fix the mask to `idx` (entry or row indices) and keep only their current values."""
+        with torch.no_grad():
+            d = self.delta().detach()
+            vals = d[idx] if self.structured else d.view(-1)[idx]
+        trainable = any(p.requires_grad for p in self.parameters())
+        self.diff, self.gate = None, None
+        self.indices = _index_tensor(idx, self.numel)
+        self.values = nn.Parameter(vals.clone(), requires_grad=trainable)
+
+    # -- file format: indices + values ---------------------------------------------
+    def file_state(self):
+        if self.projected:
+            return {"indices": self.indices, "values": self.values.detach()}
+        d = self.delta().detach()
+        if self.structured:
+            idx = d.abs().sum(dim=1).nonzero().view(-1)
+            return {"indices": _index_tensor(idx, self.numel), "values": d[idx]}
+        idx = d.view(-1).nonzero().view(-1)
+        return {"indices": _index_tensor(idx, self.numel), "values": d.view(-1)[idx]}
+
+    def load_file_state(self, state):
+        if set(state) != {"indices", "values"}:
+            raise IncompatibleDeltaError(f"A diff-pruning delta holds 'indices' and 'values', got {sorted(state)}.")
+        idx, vals = state["indices"].long().view(-1), state["values"]
+        rows = self.structured
+        want = (len(idx), self.shape[1]) if rows else (len(idx),)
+        limit = self.shape[0] if rows else self.numel
+        if tuple(vals.shape) != want or (len(idx) and (idx.min() < 0 or idx.max() >= limit)):
+            kind = "rows of a structured" if rows else "entries of an unstructured"
+            raise IncompatibleDeltaError(
+                f"Saved diff ({len(idx)} indices, values {tuple(vals.shape)}) does not fit {kind} diff of a "
+                f"{self.shape} weight: the delta was saved for another base model or with another 'structured'.")
+        self.keep(idx)
+        with torch.no_grad():
+            self.values.copy_(vals.to(self.values.dtype))
+
+
+def _index_tensor(idx: torch.Tensor, numel: int) -> torch.Tensor:
+    # int32 halves the file; int64 only for weights past 2**31 entries
+    return idx.to(torch.int32 if numel < 2 ** 31 else torch.int64).contiguous()
+
+
+def build(model: nn.Module, config: DiffPruningConfig) -> dict[str, DeltaPiece]:
+    pieces = {}
+    for path in find_targets(model, config.targets, config.layers):
+        base = model.get_submodule(path)
+        pieces[path] = DiffLinear(getattr(base, "base_layer", base), config)
+    return pieces
+
+
+# -- the three phases: penalty, projection, (fine-tuning is a plain Trainer run) ----------
+def _diff_deltas(model, names):
+    if names is None:
+        names = model.active_names
+    names = [names] if isinstance(names, str) else list(names)
+    found = [n for n in names if isinstance(model.configs.get(n), DiffPruningConfig)]
+    return [(n, [p for p in model.pieces_of(n).values() if isinstance(p, DiffLinear)]) for n in found]
+
+
+def expected_density(model, name: str = "default") -> float:
+    """Expected share of non-zero entries of one diff-pruning delta."""
+    ((_, pieces),) = _diff_deltas(model, [name])
+    with torch.no_grad():
+        return float(sum(p.expected_l0() for p in pieces) / sum(p.numel for p in pieces))
+
+
+def l0_penalty(model, names=None) -> torch.Tensor:
+    """l0_weight * max(0, E[density] - density) summed over the (active) diff-pruning deltas
+    that are not projected yet; 0 when there are none. Add it to the task loss."""
+    total = None
+    for name, pieces in _diff_deltas(model, names):
+        live = [p for p in pieces if not p.projected]
+        if not live:
+            continue
+        cfg = model.configs[name]
+        dens = sum(p.expected_l0() for p in live) / sum(p.numel for p in live)
+        term = cfg.l0_weight * F.relu(dens - cfg.density)
+        total = term if total is None else total + term
+    return total if total is not None else torch.zeros(())
+
+
+def with_l0_penalty(loss_fn=None, names=None):
+    """A Trainer loss_fn: the task loss (default: the model's own) plus l0_penalty.
+
+    Trainer(model, cfg, data, loss_fn=with_l0_penalty())"""
+    if loss_fn is None:
+        from ..train.loop import default_loss
+        loss_fn = default_loss
+
+    def loss(model, batch):
+        plain = getattr(model, "module", model)  # DDP wraps the DeltaModel
+        return loss_fn(model, batch) + l0_penalty(plain, names).to(next(plain.parameters()).device)
+    return loss
+
+
+def project(model, name: str = "default", density: float | None = None) -> dict:
+    """Keep exactly round(density * N) entries (or whole rows, structured) with the largest
+    |z * w| over the whole delta, fix that mask and drop the dense tensors. Build a new
+    Trainer afterwards to fine-tune the kept values. Returns the achieved density per module."""
+    ((_, pieces),) = _diff_deltas(model, [name])
+    cfg = model.configs[name]
+    density = cfg.density if density is None else float(density)
+    if not 0.0 < density <= 1.0:
+        raise ConfigError(f"project: density must be in (0, 1], got {density}.")
+    paths = {id(p): path for path, p in model.pieces_of(name).items()}
+    total = sum(p.numel for p in pieces)
+    scores = [p.scores() for p in pieces]
+    flat = torch.cat(scores)
+    if cfg.structured:
+        chosen = _rows_within_budget(flat, torch.cat([torch.full_like(s, p.shape[1]) for s, p in zip(scores, pieces)]),
+                                     budget=round(density * total))
+    else:
+        k = min(round(density * total), int((flat > 0).sum()))  # never keep entries that are exactly zero
+        chosen = torch.zeros(len(flat), dtype=torch.bool)
+        chosen[torch.topk(flat, k, sorted=False).indices] = True
+    report, start = {}, 0
+    for p, s in zip(pieces, scores):
+        mine = chosen[start:start + len(s)].nonzero().view(-1)
+        start += len(s)
+        p.keep(mine.to(p.diff.device))
+        report[paths[id(p)]] = p.values.numel() / p.numel
+    kept = sum(p.values.numel() for p in pieces)
+    return {"density": kept / total, "kept": kept, "total": total, "per_module": report}
+
+
+def _rows_within_budget(scores, sizes, budget):
+    """Rows by descending score, as many as fit in `budget` entries."""
+    order = torch.argsort(scores, descending=True, stable=True)
+    fits = torch.cumsum(sizes[order], 0) <= budget
+    fits &= scores[order] > 0
+    chosen = torch.zeros(len(scores), dtype=torch.bool)
+    chosen[order[fits]] = True
+    return chosen
+
+
+register("diff_pruning", DiffPruningConfig, build)

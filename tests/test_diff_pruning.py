@@ -1,0 +1,168 @@
+"""Diff pruning: hard-concrete gates, exact projection, sparse files, fixed-mask fine-tuning."""
+import math
+import os
+
+import pytest
+import torch
+from transformers import BertConfig, BertForSequenceClassification
+
+import deltatune as dt
+from deltatune.core.errors import ConfigError
+from deltatune.methods import diff_pruning as dp
+from tiny import batch, bert, llama, logits
+
+
+def _train_like(model, seed=0):
+    """Give every diff entry a distinct non-zero value, as training would."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.pieces_of("default").values():
+            if isinstance(p, dp.DiffLinear):
+                p.diff.add_(torch.randn(p.diff.shape, generator=g) * 0.05)
+
+
+def _pieces(model):
+    return [p for p in model.pieces_of("default").values() if isinstance(p, dp.DiffLinear)]
+
+
+def test_hard_concrete_expected_l0_matches_formula():
+    cfg = dt.DiffPruningConfig(temperature=2 / 3, stretch=[-0.1, 1.1])
+    piece = dp.DiffLinear(torch.nn.Linear(50, 40), cfg)
+    with torch.no_grad():
+        piece.gate.copy_(torch.linspace(-4, 4, 2000).view(40, 50))
+    l, r, beta = -0.1, 1.1, 2 / 3
+    log_alpha = piece.gate.detach()
+    formula = torch.sigmoid(log_alpha - beta * math.log(-l / r))  # Louizos et al. eq. 12
+    torch.testing.assert_close(piece.expected_l0(), formula.sum())
+    piece.train()
+    torch.manual_seed(0)
+    nonzero = torch.stack([(piece.sample_gate() > 0).float() for _ in range(4000)]).mean(0)
+    # Monte Carlo P(z != 0) per gate, against the closed form
+    torch.testing.assert_close(nonzero, formula, atol=0.035, rtol=0)
+    z = piece.sample_gate()
+    assert z.min() >= 0 and z.max() <= 1 and (z == 0).any() and (z == 1).any()  # hard: exact 0s and 1s
+    piece.eval()
+    expected_eval = (torch.sigmoid(log_alpha) * (r - l) + l).clamp(0, 1)
+    torch.testing.assert_close(piece.sample_gate(), expected_eval)
+
+
+def test_penalty_pushes_gates_toward_target_and_reaches_the_loss():
+    model = dt.attach(llama(), dt.DiffPruningConfig(density=0.01, l0_weight=2.0))
+    pieces = _pieces(model)
+    n = sum(p.numel for p in pieces)
+    expected = sum(torch.sigmoid(p.log_alpha() - math.log(1.5 / 1.5)).sum() for p in pieces) / n
+    pen = dp.l0_penalty(model)
+    torch.testing.assert_close(pen, 2.0 * (expected - 0.01))
+    pen.backward()
+    assert all(p.gate.grad is not None and (p.gate.grad > 0).all() for p in pieces)  # descent lowers log_alpha
+    b = batch("llama")
+    b["labels"] = b["input_ids"]
+    loss_fn = dp.with_l0_penalty()
+    torch.testing.assert_close(loss_fn(model, b), model(**b).loss + dp.l0_penalty(model))
+
+
+def test_projection_keeps_exactly_the_target_count_by_magnitude():
+    model = dt.attach(llama(), dt.DiffPruningConfig(density=0.03))
+    _train_like(model)
+    pieces = _pieces(model)
+    before = torch.cat([p.delta().detach().abs().view(-1) for p in pieces])
+    report = dp.project(model)
+    k = round(0.03 * len(before))
+    after = torch.cat([p.delta().detach().view(-1) for p in pieces])
+    assert int((after != 0).sum()) == k == report["kept"]
+    assert report["density"] == k / len(before)
+    kept = after != 0
+    assert before[kept].min() >= before[~kept].max()  # the largest |z * w| over the whole delta
+    torch.testing.assert_close(after[kept].abs(), before[kept])
+    assert all(p.diff is None and p.gate is None for p in pieces)  # dense tensors dropped
+    assert dp.l0_penalty(model) == 0
+
+
+def test_sparse_file_round_trip_gives_identical_outputs(tmp_path):
+    b = batch("bert")
+    model = dt.attach(bert(), dt.DiffPruningConfig(density=0.05))
+    _train_like(model)
+    dp.project(model)
+    tuned = logits(model, b)
+    model.save_pretrained(tmp_path)
+    from safetensors.torch import load_file
+    tensors = load_file(str(tmp_path / "adapter_model.safetensors"))
+    diff_keys = {k.rsplit(".", 1)[-1] for k in tensors if "classifier" not in k}
+    assert diff_keys == {"indices", "values"}
+    assert all(v.dtype == torch.int32 for k, v in tensors.items() if k.endswith(".indices"))
+    loaded = dt.DeltaModel.from_pretrained(bert(), tmp_path)
+    torch.testing.assert_close(logits(loaded, b), tuned, rtol=0, atol=0)
+    for p, q in zip(_pieces(model), _pieces(loaded)):
+        assert torch.equal(p.indices, q.indices) and torch.equal(p.values, q.values)
+    loaded.merge()
+    torch.testing.assert_close(logits(loaded, b), tuned, atol=1e-5, rtol=1e-4)
+
+
+def test_file_is_about_one_percent_of_the_dense_delta_at_half_a_percent(tmp_path):
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=64, hidden_size=256, num_hidden_layers=2, num_attention_heads=4,
+                     intermediate_size=1024, max_position_embeddings=32)
+    model = dt.attach(BertForSequenceClassification(cfg).eval(),
+                      dt.DiffPruningConfig(density=0.005, modules_to_save=[]))
+    _train_like(model)
+    report = dp.project(model)
+    model.save_pretrained(tmp_path)
+    size = os.path.getsize(tmp_path / "adapter_model.safetensors")
+    dense = 4 * report["total"]  # the same delta as dense float32 weights
+    assert 0.009 < size / dense < 0.0115, size / dense
+
+
+def test_fine_tuning_after_projection_moves_only_kept_entries():
+    model = dt.attach(llama(), dt.DiffPruningConfig(density=0.05))
+    _train_like(model)
+    dp.project(model)
+    before = {id(p): p.delta().detach().clone() for p in _pieces(model)}
+    masks = {k: v != 0 for k, v in before.items()}
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert any(p is q.values for q in _pieces(model) for p in trainable)
+    b = batch("llama")
+    model.train()
+    model(**b, labels=b["input_ids"]).loss.backward()
+    torch.optim.SGD(trainable, lr=1.0).step()
+    model.eval()
+    changed = False
+    for p in _pieces(model):
+        d, mask = p.delta().detach(), masks[id(p)]
+        assert not (d[~mask] != 0).any()  # pruned entries stay exactly zero
+        changed |= not torch.equal(d[mask], before[id(p)][mask])
+    assert changed
+
+
+def test_structured_projection_keeps_whole_rows(tmp_path):
+    model = dt.attach(llama(), dt.DiffPruningConfig(density=0.1, structured=True))
+    _train_like(model)
+    report = dp.project(model)
+    assert 0 < report["kept"] <= round(0.1 * report["total"])
+    rows_kept = 0
+    for p in _pieces(model):
+        d = p.delta().detach()
+        nz_rows = (d != 0).any(dim=1)
+        assert torch.equal((d != 0).sum(1)[nz_rows], torch.full((int(nz_rows.sum()),), d.shape[1]))
+        rows_kept += int(nz_rows.sum())
+    assert rows_kept == sum(len(p.indices) for p in _pieces(model))
+    b = batch("llama")
+    tuned = logits(model, b)
+    model.save_pretrained(tmp_path)
+    torch.testing.assert_close(logits(dt.DeltaModel.from_pretrained(llama(), tmp_path), b), tuned, rtol=0, atol=0)
+
+
+def test_bad_options_name_the_fix():
+    with pytest.raises(ConfigError, match="density"):
+        dt.DiffPruningConfig(density=0.0)
+    with pytest.raises(ConfigError, match="stretch"):
+        dt.DiffPruningConfig(stretch=[0.1, 1.1])
+
+
+@pytest.mark.slow
+def test_diff_pruning_half_percent_learns_sms_spam(tmp_path):
+    from real_runs import run_diff_pruning
+    r = run_diff_pruning(tmp_path)
+    print(r)
+    assert r["density"] == pytest.approx(0.005, abs=1e-6)
+    assert r["accuracy"] >= 0.95, r
+    assert r["file_bytes"] < 0.012 * r["dense_bytes"], r
