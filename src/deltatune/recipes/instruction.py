@@ -135,7 +135,7 @@ def run(cfg) -> dict:
         if t in seen:
             train += sft_examples(t, tr)
     random.Random(cfg.train.seed).shuffle(train)
-    seen_eval = [e for t in seen for e in sft_examples(t, evals[t.name])]
+    seen_eval = [e for t in seen for e in sft_examples(t, evals[t.name][:32])]  # the loop's perplexity monitor
     model = attach(build_base(cfg, sft, tok), cfg.delta_config())
     job = Job(model, tok, sft, tokenize_sft(tok, train, sft.max_length, system=sft.system),
               tokenize_sft(tok, seen_eval, sft.max_length, system=sft.system), Collator(tok.pad_token_id),
