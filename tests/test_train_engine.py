@@ -19,12 +19,21 @@ from deltatune.train import TrainConfig, Trainer
 from deltatune.train import checkpoint as ckpt
 from deltatune.train.batches import local_batches
 from tiny import llama
-from train_engine_job import make_data, make_model
+from train_engine_job import main as run_job, make_data, make_model
 
 HERE = Path(__file__).parent
 JOB = str(HERE / "train_engine_job.py")
 # one thread per process: several run at once on 2 cores (and bit-identity needs the same threads)
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(HERE.parent / "src"), "OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models run fastest on one thread, above all when the 2 cores are shared."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 def _job(spec):
@@ -147,13 +156,16 @@ def test_resume_needs_the_same_number_of_processes(tmp_path):
 def test_two_processes_match_one_process(tmp_path):
     """torchrun, 2 CPU processes (gloo) with batch 4 each = 1 process with batch 8; a short last batch."""
     spec = dict(n=43, grad_accum=2, epochs=2, dropout=0.0, lr=1e-2, warmup_ratio=0.0)
-    one = subprocess.Popen(_job({**spec, "batch_size": 8, "output_dir": str(tmp_path / "one")}), env=ENV,
-                           stderr=subprocess.PIPE)
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                          JOB, json.dumps({**spec, "batch_size": 4, "output_dir": str(tmp_path / "two")})],
-                         env=ENV, capture_output=True, timeout=180)
-    assert two.returncode == 0, two.stderr.decode()[-3000:]
-    assert one.wait(timeout=180) == 0, one.stderr.read().decode()[-3000:]
+    two = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                            JOB, json.dumps({**spec, "batch_size": 4, "output_dir": str(tmp_path / "two")})],
+                           env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    run_job({**spec, "batch_size": 8, "output_dir": str(tmp_path / "one")})  # meanwhile, 1 process here
+    try:
+        out = two.communicate(timeout=180)[0].decode()
+    except subprocess.TimeoutExpired:
+        two.kill()
+        raise
+    assert two.returncode == 0, out[-3000:]
     a, b = _delta(tmp_path / "one"), _delta(tmp_path / "two")
     assert a.keys() == b.keys()
     for k in a:

@@ -26,7 +26,8 @@ class TrainConfig:
     metric: str = field(default="accuracy", metadata={"help": "evaluation metric that picks the best delta"})
     log_every: int = field(default=10, metadata={"help": "optimizer steps between JSONL log lines"})
     progress: bool = field(default=True, metadata={"help": "show a tqdm progress bar"})
-    save: bool = field(default=True, metadata={"help": "save best/ and last/ deltas under output_dir"})
+    save: bool = field(default=True, metadata={
+        "help": "write files under output_dir: metrics, best/ and last/ deltas, checkpoints, logs"})
     mixed_precision: str = field(default="no", metadata={
         "help": "no | fp16 | bf16: autocast the forward passes (fp16 adds loss scaling); for GPUs"})
     gradient_checkpointing: bool = field(default=False, metadata={

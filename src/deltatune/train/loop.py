@@ -69,6 +69,9 @@ class Trainer:
         self.eval_fn = eval_fn or evaluate_classification
         self.accelerator = make_accelerator(config.mixed_precision, config.use_cpu)
         self.device = self.accelerator.device
+        if config.mixed_precision == "fp16" and self.device.type == "cpu":
+            warnings.warn("mixed_precision='fp16' needs a GPU; on the CPU this run trains in float32 "
+                          "(mixed_precision='bf16' autocasts on CPUs).")
         if next(model.parameters()).device != self.device:
             model.to(self.device)
         self.out = Path(config.output_dir)
@@ -138,13 +141,20 @@ class Trainer:
         from accelerate.utils import set_seed
 
         c, acc = self.config, self.accelerator
+        kind = str(acc.distributed_type).rsplit(".", 1)[-1]
+        if kind in ("FSDP", "DEEPSPEED", "MEGATRON_LM"):
+            raise ConfigError(f"This run was launched with {kind}; the deltatune Trainer runs one process or DDP "
+                              "(deltas are small, so sharding them gains little): launch without an FSDP/DeepSpeed "
+                              "accelerate config, or use transformers.Trainer (docs/training.md).")
         set_seed(c.seed)
         steps = self.total_steps()
         opt = self._optimizer()
         sched = self._scheduler(opt, steps)
         if c.gradient_checkpointing:
             self._enable_gradient_checkpointing()
-        train_model, opt = acc.prepare(self.model, opt)
+        train_model = acc.prepare(self.model)  # DDP wrapper when distributed, autocast when mixed precision
+        if acc.scaler is not None:  # fp16: accelerate's optimizer wrapper does the loss scaling (it costs per step)
+            opt = acc.prepare(opt)
         state, resumed_from = self._begin(opt, sched)
         self._run_log = RunLog(self.out, steps, initial=state["step"], files=c.save and self.is_main,
                                progress=c.progress and self.is_main, tensorboard=c.tensorboard)
