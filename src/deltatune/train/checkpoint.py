@@ -2,7 +2,8 @@
 
 A checkpoint is a directory `output_dir/checkpoints/checkpoint-<step>` holding
   delta/<name>/          every delta of the model in the delta file format
-  trainable.safetensors  trainable parameters outside the deltas (all of a plain nn.Module's state)
+  model_state.safetensors  the exact training state: the deltas' parameters and buffers and any
+                         other trainable parameter (all of a plain nn.Module's state)
   optimizer.safetensors + optimizer.json, scheduler.json, scaler.json (fp16 only)
   rng-<rank>.json + rng-<rank>.safetensors   python, numpy, torch CPU and per-device RNG states
   trainer_state.json     step, data position (epoch, micro-batch), early stopping, history
@@ -23,7 +24,6 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..core.errors import ConfigError, CorruptFileError
-from ..core.io import read_delta
 
 STATE_NAME = "trainer_state.json"
 _NAME = re.compile(r"^checkpoint-(\d+)$")
@@ -97,56 +97,41 @@ def clean_stale(output_dir) -> None:
         for p in root.iterdir():
             if p.name.startswith("."):
                 shutil.rmtree(p, ignore_errors=True)
+    if Path(output_dir).is_dir():  # best/ and last/ being replaced (atomic_directory)
+        for p in Path(output_dir).iterdir():
+            if p.is_dir() and p.name.startswith((".best.", ".last.")):
+                shutil.rmtree(p, ignore_errors=True)
 
 
 # -- model -----------------------------------------------------------------
-def _delta_param_ids(model) -> set[int]:
-    configs = getattr(model, "configs", None)
-    if not configs or not hasattr(model, "delta_parameters"):
-        return set()
-    return {id(p) for name in configs for p in model.delta_parameters(name)}
-
-
 def save_model_state(model, directory: Path) -> None:
+    """The deltas in the delta file format (for people and tools), and the exact training state:
+    every piece's parameters and buffers (a DeltaModel's state_dict) plus trainable parameters
+    outside the deltas; a plain nn.Module's whole state dict."""
+    state = dict(model.state_dict())
     if hasattr(model, "delta_state") and getattr(model, "configs", None):
         for name in model.configs:
             model.save_pretrained(directory / "delta" / name, names=[name])
-        in_deltas = _delta_param_ids(model)
-        extra = {n: p for n, p in model.named_parameters() if p.requires_grad and id(p) not in in_deltas}
-    else:
-        extra = dict(model.state_dict())
-    if extra:
-        tensors, seen = {}, set()
-        for k, v in extra.items():
-            v = v.detach().contiguous().cpu()
-            tensors[k] = v.clone() if v.data_ptr() in seen else v  # tied weights: one copy per key
-            seen.add(v.data_ptr())
-        save_file(tensors, str(directory / "trainable.safetensors"))
+        state.update({n: p for n, p in model.named_parameters() if p.requires_grad and n not in state})
+    tensors, seen = {}, set()
+    for k, v in state.items():
+        v = v.detach().contiguous().cpu()
+        tensors[k] = v.clone() if v.data_ptr() in seen else v  # tied weights: one copy per key
+        seen.add(v.data_ptr())
+    save_file(tensors, str(directory / "model_state.safetensors"))
 
 
 def load_model_state(model, directory: Path) -> None:
     deltas = directory / "delta"
-    if deltas.is_dir():
-        for sub in sorted(p for p in deltas.iterdir() if p.is_dir()):
-            if sub.name in model.configs:
-                _, tensors = read_delta(sub)
-                model._load_tensors(sub.name, tensors, source=sub)
-            else:  # a delta made during training (e.g. a snapshot): bring it back as it was
-                model.load_delta(sub, name=sub.name, trainable=False)
-    extra = directory / "trainable.safetensors"
-    if extra.exists():
-        tensors = load_file(str(extra))
-        params = dict(model.named_parameters())
-        if hasattr(model, "delta_state"):
-            unknown = sorted(set(tensors) - set(params))
-            if unknown:
-                raise ConfigError(f"Checkpoint {directory} has trainable parameters {unknown[:3]} that this model "
-                                  "lacks: resume with the model the run was started with.")
-            with torch.no_grad():
-                for k, v in tensors.items():
-                    params[k].copy_(v)
-        else:
-            model.load_state_dict(tensors, strict=True)
+    if deltas.is_dir():  # deltas made during training (EMA, snapshots) are re-created first
+        for sub in sorted(p for p in deltas.iterdir() if p.is_dir() and p.name not in model.configs):
+            model.load_delta(sub, name=sub.name, trainable=False)
+    try:
+        # exact: the file format may be lossy (sparse deltas), the raw state is not
+        model.load_state_dict(load_file(str(directory / "model_state.safetensors")), strict=True)
+    except RuntimeError as e:
+        raise ConfigError(f"Checkpoint {directory} does not fit this model ({e}); resume with the model and "
+                          "deltas the run was started with.") from None
 
 
 # -- optimizer / scheduler -------------------------------------------------
