@@ -25,6 +25,8 @@ CASES = {
     "adapter_parallel": dict(make=lambda: dt.AdapterConfig(kind="parallel", placement="both", bottleneck=8,
                                                            scaling="learned"),
                              identity_at_init=True, mergeable=False, unloadable=False),
+    "mam": dict(make=lambda: dt.MAMConfig(prefix_length=3, prefix_reparam_hidden=16, bottleneck=16),
+                mergeable=False, unloadable=False),
     # continuous prompts: extra inputs / keys and values, so not identity at init and not foldable into weights
     "prompt_tuning": dict(make=lambda: dt.PromptTuningConfig(num_virtual_tokens=3, init="vocab"),
                           mergeable=False, unloadable=False),

@@ -40,6 +40,21 @@ def test_more_architectures_identity_then_change(arch, kind):
     assert not torch.allclose(logits(model, b), ref)
 
 
+@pytest.mark.parametrize("kind", ["houlsby", "parallel"])
+def test_bart_encoder_decoder(kind):
+    from transformers import BartConfig, BartForConditionalGeneration
+    make = lambda: torch.manual_seed(0) and BartForConditionalGeneration(BartConfig(  # noqa: E731
+        vocab_size=VOCAB, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+        decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64)).eval()
+    b = batch("t5")
+    ref = logits(make(), b)
+    model = dt.attach(make(), dt.AdapterConfig(kind=kind, placement="both", bottleneck=4))
+    assert sum(k.endswith("fc2") for k in model.pieces_of("default")) == 4  # encoder and decoder FFNs
+    torch.testing.assert_close(logits(model, b), ref)
+    _perturb(model, "default")
+    assert not torch.allclose(logits(model, b), ref)
+
+
 def _adapter(h, piece):
     return piece.adapter_up(piece.act(piece.adapter_down(h))) * piece.adapter_scale
 
@@ -236,3 +251,47 @@ def test_save_load_round_trip_parallel_with_taps(tmp_path):
     torch.testing.assert_close(logits(loaded, b), want)
     assert all(isinstance(p, (AdapterPiece, InputTap)) or "classifier" in k
                for k, p in loaded.pieces_of("default").items())
+
+
+# -- MAM -------------------------------------------------------------------------------
+@pytest.mark.parametrize("arch", ["gpt2", "bert"])
+def test_mam_is_prefix_plus_parallel_ffn_adapter(arch):
+    """MAM = prefix tuning on the attention + a scaled parallel adapter on the FFN: the same
+    outputs as a prefix delta and a parallel-adapter delta active together with the same weights."""
+    from tiny import BUILDERS
+    b = batch(arch)
+    cfg = dt.MAMConfig(prefix_length=3, prefix_reparam_hidden=8, bottleneck=16, scaling=4.0, modules_to_save=[])
+    mam = dt.attach(BUILDERS[arch](), cfg)
+    _perturb(mam, "default")
+    pair = dt.attach(BUILDERS[arch](), cfg.prefix_config(), name="prefix")
+    pair.add_delta("adapter", cfg.adapter_config())
+    with torch.no_grad():
+        pair.model_pieces["prefix"].load_state_dict(mam.model_pieces["default"].state_dict())
+        for path, piece in pair.pieces_of("adapter").items():
+            piece.load_state_dict(mam.pieces_of("default")[path].state_dict())
+    pair.set_active(["prefix", "adapter"])
+    torch.testing.assert_close(logits(mam, b), logits(pair, b))
+    kinds = {type(p).__name__ for p in mam.pieces_of("default").values()}
+    assert {"KVPrefix", "PrefixAttention", "AdapterPiece"} <= kinds
+
+
+def test_mam_parameter_share_matches_the_paper_on_bart_large():
+    """He et al. 2021 report 6.7% of BART-large's parameters for MAM (l=30, r=512)."""
+    from transformers import BartConfig, BartForConditionalGeneration
+    cfg = BartConfig(vocab_size=50265, d_model=1024, encoder_layers=12, decoder_layers=12,
+                     encoder_attention_heads=16, decoder_attention_heads=16, encoder_ffn_dim=4096,
+                     decoder_ffn_dim=4096, max_position_embeddings=1024)
+    with torch.device("meta"):  # shapes only, no memory
+        model = dt.attach(BartForConditionalGeneration(cfg), dt.MAMConfig())
+    base = sum(p.numel() for n, p in model.base_model.named_parameters() if ".deltas." not in n)
+    saved = sum(v.numel() for v in model.delta_state("default").values())
+    assert base == 406_291_456
+    assert saved == 24 * (2 * 1024 * 512 + 512 + 1024) + 36 * 2 * 30 * 1024  # 24 FFN adapters, 36 attentions
+    assert 6.6 < 100 * saved / base < 6.9
+
+
+def test_mam_config_validates_both_halves():
+    with pytest.raises(dt.ConfigError, match="num_virtual_tokens"):
+        dt.MAMConfig(prefix_length=0)
+    with pytest.raises(dt.ConfigError, match="bottleneck"):
+        dt.MAMConfig(bottleneck=0)

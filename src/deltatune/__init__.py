@@ -9,6 +9,7 @@ from .methods.bitfit import BitFitConfig
 from .methods.lora import LoRAConfig
 from .methods.partial import FullConfig, PartialConfig
 from .methods.adapters import AdapterConfig, FusionConfig
+from .methods.mam import MAMConfig
 from .methods.p_tuning import PTuningConfig
 from .methods.p_tuning_v2 import MultiTaskPrompt, PTuningV2Config
 from .methods.prefix import PrefixConfig
@@ -25,7 +26,7 @@ __all__ = [
     "attach", "DeltaModel", "DeltaConfig", "config_from_dict", "register", "method_names",
     "DeltaLayer", "DeltaPiece", "ModelPiece",
     "LoRAConfig", "BitFitConfig", "PartialConfig", "FullConfig",
-    "AdapterConfig", "FusionConfig", "Stack", "Fuse", "Average", "average_deltas", "copy_delta", "EMA",
+    "AdapterConfig", "FusionConfig", "MAMConfig", "Stack", "Fuse", "Average", "average_deltas", "copy_delta", "EMA",
     "Snapshots", "Ensemble",
     "PromptTuningConfig", "PTuningConfig", "PrefixConfig", "PTuningV2Config", "MultiTaskPrompt",
     "DiffPruningConfig", "IntrinsicConfig",

@@ -227,6 +227,13 @@ class EMA:
                 d.mul_(self.decay).add_(s.to(d.dtype), alpha=1.0 - self.decay)
         self.updates += 1
 
+    # the Trainer checkpoints this (the shadow tensors are a delta, saved with the model's deltas)
+    def state_dict(self) -> dict:
+        return {"updates": self.updates}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.updates = int(state["updates"])
+
 
 class Snapshots:
     """Snapshot ensemble (Huang et al. 2017): every `every` optimizer steps, keep a frozen copy of

@@ -45,6 +45,8 @@ ARCH_MODULES = {
                ffn_input="DenseReluDense"),
 }
 ARCH_MODULES["mt5"] = ARCH_MODULES["t5"]
+ARCH_MODULES["bart"] = ARCH_MODULES["mbart"] = dict(attn="self_attn.out_proj", attn_input="self_attn", ffn="fc2",
+                                                    ffn_input="fc1")
 
 KINDS = {"houlsby": "both", "pfeiffer": "ffn", "parallel": "ffn"}  # kind -> default placement
 
