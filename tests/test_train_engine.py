@@ -18,7 +18,8 @@ from deltatune.data import Collator
 from deltatune.train import TrainConfig, Trainer
 from deltatune.train import checkpoint as ckpt
 from deltatune.train.batches import local_batches
-from tiny import llama
+from contract_cases import CASES
+from tiny import bert, llama
 from train_engine_job import main as run_job, make_data, make_model
 
 HERE = Path(__file__).parent
@@ -118,6 +119,33 @@ def test_sigkilled_run_resumes_bit_identically(tmp_path):
         return [{k: v for k, v in json.loads(x).items() if k not in drop}
                 for x in (Path(d) / "metrics.jsonl").read_text().splitlines()]
     assert lines(run_dir) == lines(ref_dir)
+
+
+@pytest.mark.parametrize("case", ["adapter_houlsby", "prompt_tuning", "diff_pruning"])
+def test_interrupted_run_resumes_exactly_for_other_methods(tmp_path, case):
+    """Stopped by an exception after step 3 (checkpoint at 2), resumed in a fresh model: the same
+    final state as an uninterrupted run, for deltas with dropout, soft prompts, stochastic gates."""
+    class Stop(Exception):
+        pass
+
+    def stop_at_3(trainer, step):
+        if step == 3:
+            raise Stop
+
+    def run(name, callbacks=(), **kw):
+        torch.manual_seed(0)
+        model = dt.attach(bert(), CASES[case]["make"]())
+        Trainer(model, _config(tmp_path / name, epochs=2, checkpoint_every=2, lr=5e-3, **kw), make_data(16),
+                make_data(8, seed=1), collate_fn=Collator(), callbacks=callbacks).fit()
+        return model
+
+    ref = run("ref")
+    with pytest.raises(Stop):
+        run("run", callbacks=[stop_at_3])
+    resumed = run("run", resume=True)
+    _assert_equal_deltas(resumed.state_dict(), ref.state_dict())
+    start = dict(dt.attach(bert(), CASES[case]["make"]()).state_dict())
+    assert any(not torch.equal(start[k], v) for k, v in ref.state_dict().items() if k in start)
 
 
 def test_checkpoint_dirs_are_all_or_nothing(tmp_path):

@@ -183,6 +183,20 @@ def set_rng_state(plain: dict, tensors: dict[str, torch.Tensor]) -> None:
         torch.cuda.set_rng_state_all(cuda)
 
 
+@contextlib.contextmanager
+def saving_mode(model):
+    """Write files without touching the run: evaluation mode (a delta's file form must not be a
+    random sample, e.g. of stochastic gates), and every RNG state restored afterwards."""
+    plain, tensors = rng_state()
+    training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(training)
+        set_rng_state(plain, tensors)
+
+
 def save_rng(directory: Path, rank: int) -> None:
     plain, tensors = rng_state()
     save_file(tensors, str(directory / f"rng-{rank}.safetensors"))
@@ -208,7 +222,8 @@ def write_checkpoint(accelerator, output_dir, state: dict, model, optimizer, sch
     save_rng(tmp, accelerator.process_index)
     accelerator.wait_for_everyone()
     if main:
-        save_model_state(model, tmp)
+        with saving_mode(model):
+            save_model_state(model, tmp)
         save_optimizer(optimizer, tmp)
         _write_json(tmp / "scheduler.json", scheduler.state_dict())
         if accelerator.scaler is not None:

@@ -304,7 +304,7 @@ class Trainer:
 
     def _save(self, tag: str) -> None:
         if self.config.save and self.is_main and hasattr(self.model, "save_pretrained"):
-            with ckpt.atomic_directory(self.out / tag) as tmp:
+            with ckpt.saving_mode(self.model), ckpt.atomic_directory(self.out / tag) as tmp:
                 self.model.save_pretrained(tmp)
 
 
