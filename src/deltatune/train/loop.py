@@ -146,6 +146,8 @@ class Trainer:
             raise ConfigError(f"This run was launched with {kind}; the deltatune Trainer runs one process or DDP "
                               "(deltas are small, so sharding them gains little): launch without an FSDP/DeepSpeed "
                               "accelerate config, or use transformers.Trainer (docs/training.md).")
+        if len(self.train_data) == 0:
+            raise ConfigError("The training data is empty: nothing to train on.")
         set_seed(c.seed)
         steps = self.total_steps()
         opt = self._optimizer()
