@@ -201,3 +201,15 @@ def test_carry_delta_copies_the_body_and_keeps_the_new_head():
     for k in s:
         torch.testing.assert_close(s[k], d[k])
     torch.testing.assert_close(d["base_model.model.score.weight"], head)
+
+
+def test_multitask_shared_prompts_with_a_head_per_task(tmp_path):
+    cfg, res = tiny_run(Path(__file__).parent.parent / "examples/multitask.yaml", tmp_path,
+                        ["delta={method: p_tuning_v2, num_virtual_tokens: 4}", "train.max_steps=4"])
+    assert {"sms_accuracy", "bbc_accuracy", "accuracy"} <= set(res["after"])
+    final = Path(res["delta"])
+    shared, _ = dt.core.io.read_delta(final)
+    assert shared["method"] == "p_tuning_v2" and shared["modules_to_save"] == []
+    heads = [dt.core.io.read_delta(final / f"head_{n}")[1] for n in ("sms", "bbc")]
+    assert heads[0].keys() == heads[1].keys()
+    assert any(not torch.equal(heads[0][k], heads[1][k]) for k in heads[0])  # each task trained its own head
