@@ -208,8 +208,9 @@ def test_multitask_shared_prompts_with_a_head_per_task(tmp_path):
                         ["delta={method: p_tuning_v2, num_virtual_tokens: 4}", "train.max_steps=4"])
     assert {"sms_accuracy", "bbc_accuracy", "accuracy"} <= set(res["after"])
     final = Path(res["delta"])
-    shared, _ = dt.core.io.read_delta(final)
-    assert shared["method"] == "p_tuning_v2" and shared["modules_to_save"] == []
+    from deltatune.core.model import config_from_file
+    shared = config_from_file(dt.core.io.read_delta(final)[0])
+    assert shared.method == "p_tuning_v2" and shared.modules_to_save == []
     heads = [dt.core.io.read_delta(final / f"head_{n}")[1] for n in ("sms", "bbc")]
     assert heads[0].keys() == heads[1].keys()
     assert any(not torch.equal(heads[0][k], heads[1][k]) for k in heads[0])  # each task trained its own head
