@@ -90,3 +90,37 @@ def _our_name(peft_name):
     #  -> base_model.model.layers.0.self_attn.q_proj.lora_A.weight
     name = peft_name.replace("base_model.model.", "base_model.", 1)
     return name.replace("lora_magnitude_vector.default.weight", "lora_magnitude_vector").replace(".default", "")
+
+
+@pytest.mark.parametrize("arch", ["bert", "llama_cls"])
+def test_all_linear_classifier_file_loads_in_peft_with_its_head(arch, tmp_path):
+    """The README's setup: all-linear LoRA on a classifier, whose new head trains by default. The file
+    names PEFT's task_type and the head as modules_to_save, so peft restores the trained head too."""
+    b = batch(arch)
+    model = dt.attach(BUILDERS[arch](), dt.LoRAConfig(r=4, targets="all-linear"))
+    _randomise(model.delta_parameters("default"))
+    expected = logits(model, b)
+    model.save_pretrained(tmp_path)
+    theirs = PeftModel.from_pretrained(_with_another_head(BUILDERS[arch]()), tmp_path).eval()
+    torch.testing.assert_close(logits(theirs, b), expected, atol=1e-5, rtol=1e-5)
+    again = dt.DeltaModel.from_pretrained(_with_another_head(BUILDERS[arch]()), tmp_path)
+    torch.testing.assert_close(logits(again, b), expected, atol=1e-6, rtol=1e-6)
+
+
+def _with_another_head(model):
+    """The same base weights under a freshly initialised head, as a new *ForSequenceClassification gets."""
+    head = getattr(model, "classifier", None) or model.score
+    _randomise(head.parameters(), seed=7)
+    return model
+
+
+def test_peft_embedding_lora_file_loads_in_ours(tmp_path):
+    """peft also writes the untouched base weights of a targeted embedding (`...base_layer.weight`)."""
+    b = batch("llama")
+    theirs = get_peft_model(BUILDERS["llama"](), LoraConfig(r=4, lora_alpha=8, target_modules=["embed_tokens", "q_proj"]))
+    _randomise([p for n, p in theirs.named_parameters() if p.requires_grad])
+    theirs.eval()
+    expected = logits(theirs, b)
+    theirs.save_pretrained(tmp_path, save_embedding_layers=True)
+    ours = dt.DeltaModel.from_pretrained(BUILDERS["llama"](), tmp_path)
+    torch.testing.assert_close(logits(ours, b), expected, atol=1e-5, rtol=1e-5)

@@ -56,6 +56,11 @@ class DeltaModel(nn.Module):
         super().__init__()
         if isinstance(base_model, DeltaModel):
             raise ConfigError("This model already is a DeltaModel: use model.add_delta(name, config).")
+        if not isinstance(base_model, nn.Module) or not base_model._modules:
+            what = type(base_model).__name__
+            raise ConfigError(f"A delta attaches to a model (a torch nn.Module with submodules, e.g. a Hugging Face "
+                              f"model), not a {what}: load it first, e.g. "
+                              "AutoModelForCausalLM.from_pretrained(path), then dt.attach(model, config).")
         self.base_model = base_model
         self.model_pieces = nn.ModuleDict()
         self.configs: dict[str, DeltaConfig] = {}
@@ -319,13 +324,25 @@ class DeltaModel(nn.Module):
         self._check_names(names)
         root = "default" if "default" in names else names[0]
         for n in names:
-            cfg = self.configs[n]
-            to_file = getattr(cfg, "to_file_dict", None)
-            cfg_dict = to_file() if callable(to_file) else cfg.to_dict()
-            if n in self.model_pieces:
-                cfg_dict = self.model_pieces[n].file_config(cfg_dict)
-            cfg_dict.setdefault("base_model_name_or_path", getattr(self.base_model.config, "_name_or_path", None))
-            write_delta(Path(path) if n == root else Path(path) / n, cfg_dict, self.delta_state(n))
+            write_delta(Path(path) if n == root else Path(path) / n, self.file_config(n), self.delta_state(n))
+
+    def file_config(self, name: str) -> dict:
+        """adapter_config.json of one delta. Besides the method's options it records facts about the
+        base model: PEFT's `task_type` (the auto class to load it with) and, in PEFT-style files,
+        `modules_to_save` = the task heads this delta trained, so peft restores them too."""
+        cfg = self.configs[name]
+        to_file = getattr(cfg, "to_file_dict", None)
+        d = to_file() if callable(to_file) else cfg.to_dict()
+        if name in self.model_pieces:
+            d = self.model_pieces[name].file_config(d)
+        if d.get("task_type") is None:
+            d["task_type"] = peft_task_type(self.base_model)
+        if "peft_type" in d and d.get("modules_to_save") is None and cfg.modules_to_save is None:
+            pieces = self.pieces_of(name)
+            heads = [h for h in default_heads(self.base_model) if isinstance(pieces.get(h), TrainableCopy)]
+            d["modules_to_save"] = heads or None
+        d.setdefault("base_model_name_or_path", getattr(self.base_model.config, "_name_or_path", None))
+        return d
 
     @classmethod
     def from_pretrained(cls, base_model, path, name: str = "default", trainable: bool = False) -> "DeltaModel":
@@ -350,9 +367,9 @@ class DeltaModel(nn.Module):
         by_piece = {path: {} for path in pieces}
         for key, value in tensors.items():
             path, sub = _split_key(key, pieces)
+            if ".base_layer." in key:  # PEFT also stores the untouched base weights of targeted embeddings
+                continue
             if path is None:
-                if ".base_layer." in key:  # PEFT stores untouched embedding weights too
-                    continue
                 raise IncompatibleDeltaError(
                     f"Delta {str(source)!r} has weights for {key!r}, which this {type(self.base_model).__name__} "
                     "has no place for: the delta was made for another architecture or target set.")
@@ -388,6 +405,21 @@ def default_heads(model: nn.Module) -> list[str]:
     return [n for n in ("classifier", "score", "qa_outputs") if hasattr(model, n)]
 
 
+def peft_task_type(model) -> str:
+    """PEFT's task_type for a Hugging Face model class (it picks PEFT's wrapper class on load, and
+    `deltatune merge` the auto class the base model loads with)."""
+    name = type(model).__name__
+    if getattr(model.config, "is_encoder_decoder", False) and name.endswith(("ForConditionalGeneration",
+                                                                             "ForSeq2SeqLM")):
+        return "SEQ_2_SEQ_LM"
+    for suffix, kind in (("ForCausalLM", "CAUSAL_LM"), ("LMHeadModel", "CAUSAL_LM"),
+                         ("ForSequenceClassification", "SEQ_CLS"), ("ForTokenClassification", "TOKEN_CLS"),
+                         ("ForQuestionAnswering", "QUESTION_ANS")):
+        if name.endswith(suffix):
+            return kind
+    return "FEATURE_EXTRACTION"
+
+
 def _split_key(key: str, pieces: dict) -> tuple[str | None, str]:
     for root in (PREFIX, "base_model."):  # ours/PEFT's, then PEFT's prompt-learning layout
         rest = key[len(root):] if key.startswith(root) else None
@@ -405,7 +437,7 @@ def _split_key(key: str, pieces: dict) -> tuple[str | None, str]:
 def config_from_file(d: dict) -> DeltaConfig:
     """A config from adapter_config.json: ours (key "method") or PEFT's (key "peft_type")."""
     if "method" in d:
-        d = {k: v for k, v in d.items() if k not in ("base_model_name_or_path", "deltatune_version")}
+        d = {k: v for k, v in d.items() if k not in ("base_model_name_or_path", "task_type")}
         return config_from_dict(d)
     if "peft_type" in d:
         from .registry import peft_method

@@ -21,7 +21,7 @@ from torch import nn
 
 from ..core.config import DeltaConfig
 from ..core.errors import ConfigError
-from ..core.model import MODEL_LEVEL, ModelPiece
+from ..core.model import MODEL_LEVEL, ModelPiece, peft_task_type
 from ..core.registry import register
 
 INITS = ("random", "vocab", "text", "labels")
@@ -144,7 +144,7 @@ class InputLayout:
         cfg = model.config
         self.encoder_decoder = bool(getattr(cfg, "is_encoder_decoder", False))
         self.pools_last_token = pools_last_token(model)
-        self.task_type = task_type(model)
+        self.task_type = peft_task_type(model)
         emb = model.get_input_embeddings()
         self.dtype = emb.weight.dtype if emb.weight.is_floating_point() else torch.float32
         self.hidden = emb.weight.shape[1]
@@ -162,20 +162,6 @@ class InputLayout:
             if cfg.get(k) is None:
                 cfg[k] = v
         return cfg
-
-
-def task_type(model) -> str:
-    """PEFT's task_type for a Hugging Face model class (it picks PEFT's wrapper class on load)."""
-    name = type(model).__name__
-    if getattr(model.config, "is_encoder_decoder", False) and name.endswith(("ForConditionalGeneration",
-                                                                             "ForSeq2SeqLM")):
-        return "SEQ_2_SEQ_LM"
-    for suffix, kind in (("ForCausalLM", "CAUSAL_LM"), ("LMHeadModel", "CAUSAL_LM"),
-                         ("ForSequenceClassification", "SEQ_CLS"), ("ForTokenClassification", "TOKEN_CLS"),
-                         ("ForQuestionAnswering", "QUESTION_ANS")):
-        if name.endswith(suffix):
-            return kind
-    return "FEATURE_EXTRACTION"
 
 
 def pools_last_token(model) -> bool:
