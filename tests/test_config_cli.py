@@ -83,3 +83,51 @@ def test_train_then_eval_on_a_tiny_model(tmp_path, capsys):
     assert main(["train", str(path), "trian.lr=1"]) == 2  # a config error: message, exit code 2
     assert "Did you mean 'train'" in capsys.readouterr().err
     assert Path(tmp_path / "run" / "best").exists()
+
+
+@pytest.mark.parametrize("arch, config", [
+    ("bert", {"method": "lora", "r": 4, "targets": "all-linear"}),       # classifier: head saved with the delta
+    ("gpt2", {"method": "lora", "r": 4, "targets": ["c_attn"]}),         # GPT2LMHeadModel
+    ("t5", {"method": "intrinsic", "dim": 64, "projection": "dense"}),   # our own file format, seq2seq
+])
+def test_merge_and_info_commands(arch, config, tmp_path, capsys):
+    """`deltatune merge` loads the base with the auto class the delta was trained on (the file's
+    task_type; a classifier's label count from its saved head) and writes the plain merged model."""
+    import torch
+    import transformers
+
+    import deltatune as dt
+    from tiny import BUILDERS, batch
+
+    base_dir, delta_dir, out_dir = tmp_path / "base", tmp_path / "delta", tmp_path / "merged"
+    BUILDERS[arch]().save_pretrained(base_dir)
+    model = dt.attach(BUILDERS[arch](), dt.config_from_dict(config))
+    with torch.no_grad():
+        for p in model.delta_parameters("default"):
+            p.add_(torch.randn_like(p) * 0.1)
+    model.save_pretrained(delta_dir)
+    b = batch(arch)
+    with torch.no_grad():
+        expected = model(**b).logits
+    assert main(["merge", str(base_dir), str(delta_dir), str(out_dir)]) == 0
+    merged_cls = type(BUILDERS[arch]())
+    assert type(BUILDERS[arch]()).__name__ in capsys.readouterr().out
+    merged = merged_cls.from_pretrained(out_dir).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(merged(**b).logits, expected, atol=1e-5, rtol=1e-5)
+    assert main(["info", str(delta_dir)]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["config"]["task_type"] and info["parameters"] == sum(
+        v.numel() for v in model.delta_state("default").values())
+    assert hasattr(transformers, merged_cls.__name__)
+
+
+def test_merge_refuses_weights_the_architecture_cannot_reload(tmp_path, capsys):
+    import deltatune as dt
+    from tiny import llama
+
+    llama().save_pretrained(tmp_path / "base")
+    dt.attach(llama(), dt.BitFitConfig(add_missing=True)).save_pretrained(tmp_path / "delta")
+    assert main(["merge", str(tmp_path / "base"), str(tmp_path / "delta"), str(tmp_path / "out")]) == 2
+    assert "keep this delta unmerged" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

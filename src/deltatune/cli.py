@@ -26,19 +26,50 @@ def _info(args) -> int:
 
 
 def _merge(args) -> int:
-    from transformers import AutoModel, AutoConfig
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
-
+    from .core.io import read_delta
     from .core.model import DeltaModel
+    from .data.models import load_model, resolve_path
 
-    arch = (AutoConfig.from_pretrained(args.base).architectures or [""])[0]
-    loader = (AutoModelForCausalLM if arch.endswith("ForCausalLM") else
-              AutoModelForSequenceClassification if arch.endswith("ForSequenceClassification") else AutoModel)
-    model = DeltaModel.from_pretrained(loader.from_pretrained(args.base), args.delta_dir)
+    config, tensors = read_delta(args.delta_dir)
+    auto_class, kwargs = _auto_class_for(config, tensors)
+    model = DeltaModel.from_pretrained(load_model(str(resolve_path(args.base)), auto_class, **kwargs), args.delta_dir)
     plain = model.merge_and_unload()
+    _check_reloadable(plain)
     plain.save_pretrained(args.output_dir)
-    print(f"merged model written to {args.output_dir}")
+    print(f"merged model ({type(plain).__name__}) written to {args.output_dir}")
     return 0
+
+
+def _check_reloadable(plain) -> None:
+    """A merged model must load back as its own architecture: refuse weights its config has no place for."""
+    import torch
+
+    from .core.errors import ConfigError
+
+    with torch.device("meta"):
+        expected = set(type(plain)(plain.config).state_dict())
+    extra = sorted(set(plain.state_dict()) - expected)
+    if extra:
+        raise ConfigError(f"The merged model has weights its architecture does not have ({', '.join(extra[:3])}"
+                          f"{', ...' if len(extra) > 3 else ''}): e.g. BitFit's add_missing biases. transformers "
+                          "would drop them on loading, so keep this delta unmerged (load it with the base model).")
+
+
+def _auto_class_for(config: dict, tensors: dict):
+    """The auto class the delta's base model was loaded with (the file's task_type) and, for a
+    classifier, its number of labels (the saved head's output size)."""
+    import transformers
+
+    task = config.get("task_type") or "FEATURE_EXTRACTION"
+    name = {"SEQ_CLS": "AutoModelForSequenceClassification", "TOKEN_CLS": "AutoModelForTokenClassification",
+            "CAUSAL_LM": "AutoModelForCausalLM", "SEQ_2_SEQ_LM": "AutoModelForSeq2SeqLM",
+            "QUESTION_ANS": "AutoModelForQuestionAnswering", "FEATURE_EXTRACTION": "AutoModel"}.get(task, "AutoModel")
+    kwargs = {}
+    if task in ("SEQ_CLS", "TOKEN_CLS"):
+        heads = [v for k, v in tensors.items() if k.endswith(("classifier.weight", "score.weight"))]
+        if heads:
+            kwargs["num_labels"] = heads[0].shape[0]
+    return getattr(transformers, name), kwargs
 
 
 def _train(args) -> int:
