@@ -268,9 +268,10 @@ def test_early_stopping_keeps_the_best_delta(tmp_path):
 
 
 def test_logs_jsonl_tensorboard_and_curves(tmp_path):
-    trainer = Trainer(make_model(), _config(tmp_path, epochs=2, log_every=1, tensorboard=True, plot=True),
-                      make_data(16), make_data(8), collate_fn=Collator())
-    trainer.fit()
+    for _ in range(2):  # a second fresh run into the same directory starts its logs anew
+        trainer = Trainer(make_model(), _config(tmp_path, epochs=2, log_every=1, tensorboard=True, plot=True),
+                          make_data(16), make_data(8), collate_fn=Collator())
+        trainer.fit()
     records = [json.loads(x) for x in (trainer.out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "loss" in r] == list(range(1, 9))
     assert {"lr", "examples_per_second"} <= set(records[0])

@@ -280,6 +280,9 @@ class Trainer:
         acc.wait_for_everyone()
         path = ckpt.latest_checkpoint(self.out) if c.resume else None
         if path is None:
+            if self.is_main and c.save:  # a fresh run's logs start empty (no records of an earlier run)
+                truncate_jsonl(self.out / METRICS_NAME, 0)
+                shutil.rmtree(self.out / "tensorboard", ignore_errors=True)
             return self._fresh_state(), None
         state = ckpt.read_checkpoint(path, acc, self.model, opt, sched)
         changed = sorted(k for k, v in state["config"].items()
