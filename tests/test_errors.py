@@ -115,3 +115,9 @@ def test_unmergeable_tied_embedding():
     model = dt.attach(BUILDERS["gpt2"](), dt.LoRAConfig(r=4, targets=["wte"]))
     with pytest.raises(dt.ConfigError, match="tied to the output head"):
         model.merge()
+
+
+@pytest.mark.parametrize("thing", ["gpt2", None, torch.nn.Linear(3, 3)])
+def test_attach_to_something_that_is_not_a_model(thing):
+    with pytest.raises(dt.ConfigError, match="load it first"):
+        dt.attach(thing, dt.LoRAConfig())

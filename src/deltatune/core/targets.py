@@ -68,7 +68,7 @@ def find_targets(model: nn.Module, targets, layers=None, types=LINEAR_TYPES) -> 
     if targets == "all-linear":
         heads = output_head_names(model)
         found = [p for p, m in named.items()
-                 if isinstance(m, LINEAR_TYPES) and not any(p == h or p.startswith(h + ".") for h in heads)]
+                 if p and isinstance(m, LINEAR_TYPES) and not any(p == h or p.startswith(h + ".") for h in heads)]
     else:
         if isinstance(targets, str) and targets in named:
             targets = [targets]
