@@ -30,6 +30,23 @@ def test_lora_learns_sms_spam(tmp_path):
 
 @pytest.mark.slow
 def test_bitfit_learns_sms_spam(tmp_path):
-    acc, majority, delta = _run(dt.BitFitConfig(), lr=3e-3, tmp_path=tmp_path)
+    # BitFit needs a larger step than LoRA (Ben-Zaken et al. tune lr in 1e-4..1e-3 over many more steps):
+    # 1 epoch at 3e-3 stayed at the majority class; 2 epochs at 1e-2 reach 0.968-0.972 over seeds 0-2
+    acc, majority, delta = _run(dt.BitFitConfig(), epochs=2, lr=1e-2, tmp_path=tmp_path)
     assert delta.trainable_summary()["percent"] < 0.5
     assert acc >= 0.93 and acc > majority + 0.03, (acc, majority)
+
+
+@pytest.mark.slow
+def test_demo_command_reaches_its_accuracy(tmp_path, capsys):
+    """`deltatune demo` as a user runs it (full SMS spam, 1 epoch): at least 97% test accuracy, and the
+    delta it saves loads onto a fresh model. Its time is measured in docs/training.md, not asserted here."""
+    import re
+
+    from deltatune.cli import main
+    assert main(["demo", "--quiet", "--output-dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    after = float(re.search(r"test accuracy after\s*:\s*([0-9.]+)", out).group(1))
+    assert after >= 0.97, out
+    loaded = dt.DeltaModel.from_pretrained(load_minilm_classifier()[0], tmp_path / "final")
+    assert loaded.trainable_summary()["trainable"] == 0 and loaded.configs["default"].r == 8
