@@ -156,6 +156,16 @@ def test_partial_last_layer_and_targets():
     assert not any(p.startswith("bert.encoder.layer.1.") for p in paths)  # covered by the layer copy
 
 
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "bert", "t5"])
+def test_partial_norms_trains_exactly_the_normalisation_weights(arch):
+    from tiny import BUILDERS
+    base = BUILDERS[arch]()
+    norm_words = ("norm", "ln_", "layer_norm")
+    expected = sum(p.numel() for n, p in base.named_parameters() if any(w in n.lower() for w in norm_words))
+    model = dt.attach(base, dt.PartialConfig(norms=True, modules_to_save=[]))
+    assert expected > 0 and model.trainable_summary()["trainable"] == expected
+
+
 def test_bitfit_trains_only_biases():
     model = dt.attach(bert(), dt.BitFitConfig(modules_to_save=[]))
     n_bias = sum(p.numel() for n, p in bert().named_parameters() if n.endswith("bias") and "classifier" not in n)

@@ -30,6 +30,8 @@ class PartialConfig(DeltaConfig):
     targets: list[str] | str | None = field(default=None, metadata={
         "help": "modules to train whole (suffixes or regex), e.g. ['classifier', 'LayerNorm']"})
     last_k_layers: int = field(default=0, metadata={"help": "also train the top k transformer layers"})
+    norms: bool = field(default=False, metadata={
+        "help": "also train every normalisation layer (LayerNorm, RMSNorm, T5LayerNorm, ...), whatever its name"})
 
     def __post_init__(self):
         if self.last_k_layers < 0:
@@ -43,15 +45,22 @@ class FullConfig(DeltaConfig):
 
 def build_partial(model: nn.Module, config: PartialConfig):
     paths = list(find_targets(model, config.targets, types=None)) if config.targets else []
+    if config.norms:
+        paths += [p for p, m in named_base_modules(model) if p and _is_norm(m)]
     for stack_path, stack in layer_stacks(model):
         k = min(config.last_k_layers, len(stack))
         paths += [f"{stack_path}.{i}" for i in range(len(stack) - k, len(stack))]
     # a module inside another trained module is already covered
     paths = [p for p in dict.fromkeys(paths) if not any(p.startswith(q + ".") for q in paths)]
     if not paths and not config.modules_to_save:
-        raise ConfigError("PartialConfig selects nothing to train: give targets=[...] or last_k_layers=k.")
+        raise ConfigError("PartialConfig selects nothing to train: give targets=[...], last_k_layers=k or norms=True.")
     named = dict(named_base_modules(model))
     return {p: TrainableCopy(named[p]) for p in paths}
+
+
+def _is_norm(module: nn.Module) -> bool:
+    # architectures name their norms differently (LayerNorm, ln_1, input_layernorm); their classes agree better
+    return isinstance(module, (nn.LayerNorm, nn.GroupNorm)) or type(module).__name__.endswith(("LayerNorm", "RMSNorm"))
 
 
 def build_full(model: nn.Module, config: FullConfig):
