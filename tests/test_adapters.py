@@ -165,6 +165,37 @@ def test_adapter_and_lora_on_one_model_add():
     assert not torch.allclose(logits(model, b), both)
 
 
+def test_prompt_tuning_and_adapter_on_one_model_add():
+    """A soft prompt and an adapter active together: the adapter model run on [prompt ; E(x)],
+    with the virtual positions dropped from the logits. The same inside a Stack, and both train."""
+    b = batch("llama")
+    model = dt.attach(llama(), dt.PromptTuningConfig(num_virtual_tokens=3), name="prompt")
+    model.add_delta("ad", dt.AdapterConfig(kind="houlsby", bottleneck=4))
+    _perturb(model, "prompt", 0); _perturb(model, "ad", 1)
+    model.set_active(["prompt", "ad"])
+    both = logits(model, b)
+    assert both.shape[:2] == b["input_ids"].shape
+    ref = dt.attach(llama(), dt.AdapterConfig(kind="houlsby", bottleneck=4))
+    with torch.no_grad():
+        for path, piece in model.pieces_of("ad").items():
+            ref.pieces_of("default")[path].load_state_dict(piece.state_dict())
+        prompt = model.model_pieces["prompt"].prompt_embeddings
+        emb = ref.base_model.get_input_embeddings()(b["input_ids"])
+        embeds = torch.cat([prompt.unsqueeze(0).expand(emb.shape[0], -1, -1), emb], dim=1)
+        mask = torch.cat([torch.ones(emb.shape[0], 3, dtype=b["attention_mask"].dtype), b["attention_mask"]], 1)
+        want = ref(inputs_embeds=embeds, attention_mask=mask).logits[:, 3:]
+    torch.testing.assert_close(both, want)
+    for alone in ("prompt", "ad"):
+        model.set_active(alone)
+        assert not torch.allclose(logits(model, b), both)
+    model.set_active(dt.Stack("prompt", "ad"))
+    torch.testing.assert_close(logits(model, b), both)
+    model.train()
+    model(**b).logits.pow(2).mean().backward()
+    for name in ("prompt", "ad"):
+        assert all(p.grad is not None for p in model.delta_parameters(name)), name
+
+
 def test_adapter_on_lora_wrapped_module_shares_the_wrapper():
     model = dt.attach(llama(), dt.LoRAConfig(r=2, targets=["o_proj"]), name="lora")
     model.add_delta("ad", dt.AdapterConfig(kind="houlsby", placement="attn"))

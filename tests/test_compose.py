@@ -3,8 +3,9 @@ import pytest
 import torch
 
 import deltatune as dt
+from deltatune.compose import Block
 from deltatune.train import Trainer, TrainConfig
-from tiny import batch, bert, llama, logits
+from tiny import batch, bert, gpt2, llama, logits
 
 
 def _perturb(model, name, seed=0, scale=0.1):
@@ -144,8 +145,7 @@ def test_saturated_fusion_reduces_to_the_chosen_adapter():
 def test_fusion_trains_only_its_own_parameters_and_round_trips(tmp_path):
     b = batch("bert")
     b["labels"] = torch.tensor([1, 0])
-    model = _two_adapters()
-    model.set_trainable("lang", False); model.set_trainable("task", False)
+    model = _two_adapters()  # both adapters trainable: adding the fusion freezes them
     model.add_delta("lang+task", dt.FusionConfig(adapters=["lang", "task"]))
     model.set_active(dt.Fuse("lang", "task"))
     assert model.active.fusion == "lang+task"
@@ -196,6 +196,141 @@ def test_stack_with_fuse_round_trip(tmp_path):
     torch.testing.assert_close(logits(fresh, b), want)
 
 
+def test_adding_a_fusion_freezes_its_adapters_and_training_moves_only_the_fusion():
+    b = {**batch("bert"), "labels": torch.tensor([1, 0])}
+    model = _two_adapters()
+    model.add_delta("other", dt.AdapterConfig(bottleneck=4, modules_to_save=[]))
+    assert all(p.requires_grad for n in ("lang", "task") for p in model.delta_parameters(n))
+    model.add_delta("fz", dt.FusionConfig(adapters=["lang", "task"]))
+    assert not any(p.requires_grad for n in ("lang", "task") for p in model.delta_parameters(n))
+    assert all(p.requires_grad for p in model.delta_parameters("other")), "only the fused adapters freeze"
+    model.set_trainable("other", False)
+    model.set_active(dt.Fuse("lang", "task", fusion="fz"))
+    before = {n: {k: v.clone() for k, v in model.delta_state(n).items()} for n in ("lang", "task", "fz")}
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert {id(p) for p in trainable} == {id(p) for p in model.delta_parameters("fz")}
+    model.train()
+    opt = torch.optim.SGD(trainable, lr=0.5)
+    for _ in range(2):
+        model(**b).loss.backward(); opt.step(); opt.zero_grad()
+    model.eval()
+    for n in ("lang", "task"):
+        assert all(torch.equal(v, before[n][k]) for k, v in model.delta_state(n).items()), n
+    assert any(not torch.equal(v, before["fz"][k]) for k, v in model.delta_state("fz").items())
+
+
+def test_fuse_must_name_the_fusion_deltas_adapters():
+    model = _two_adapters()
+    model.add_delta("x", dt.AdapterConfig(bottleneck=6, modules_to_save=[]))
+    model.add_delta("fz", dt.FusionConfig(adapters=["lang", "task"]))
+    for wrong in (dt.Fuse("lang", "x", fusion="fz"), dt.Fuse("lang", fusion="fz"),
+                  dt.Stack("x", dt.Fuse("lang", "task", "x", fusion="fz"))):
+        with pytest.raises(dt.ConfigError, match=r"built for \['lang', 'task'\].*FusionConfig.adapters"):
+            model.set_active(wrong)
+    with pytest.raises(dt.ConfigError, match="'x' is a 'adapter' delta, not an AdapterFusion"):
+        model.set_active(dt.Fuse("lang", "task", fusion="x"))
+    model.set_active(dt.Fuse("task", "lang", fusion="fz"))  # the order does not matter to the attention
+    with pytest.raises(dt.ConfigError, match="twice"):
+        dt.Fuse("lang", "lang")
+    with pytest.raises(dt.ConfigError, match="twice"):
+        dt.FusionConfig(adapters=["lang", "lang"])
+
+
+# -- composition values: hashable, JSON --------------------------------------------------
+def test_composition_values_are_hashable_immutable_and_round_trip_json():
+    import json
+    setups = [dt.Stack("lang", dt.Fuse("a", "b", fusion="ab")), dt.Average("r1", "r2", weights=[1, 3]),
+              dt.Fuse("a", "b"), dt.Stack("x", dt.Average("r1", "r2", "r3"))]
+    for s in setups:
+        again = Block.from_dict(json.loads(json.dumps(s.to_dict())))
+        assert again == s and hash(again) == hash(s) and type(again) is type(s)
+    assert dt.Stack("lang", dt.Fuse("a", "b", fusion="ab")).to_dict() == {
+        "type": "Stack", "children": ["lang", {"type": "Fuse", "children": ["a", "b"], "fusion": "ab"}]}
+    assert dt.Average("a", "b", weights=[1, 1]) == dt.Average("a", "b")
+    assert hash(dt.Average("a", "b", weights=[2, 2])) == hash(dt.Average("a", "b"))
+    assert dt.Average("a", "b") != dt.Average("a", "b", weights=[1, 3]) != dt.Stack("a", "b")
+    assert dt.Fuse("a", "b") == dt.Fuse("a", "b", fusion="a+b") != dt.Fuse("a", "b", fusion="f")
+    assert len({dt.Stack("a", "b"), dt.Stack("a", "b"), dt.Stack("b", "a")}) == 2
+    assert {dt.Stack("a", dt.Fuse("b", "c")): 1}[dt.Stack("a", dt.Fuse("b", "c"))] == 1
+    with pytest.raises(AttributeError, match="immutable"):
+        dt.Stack("a").children = ("b",)
+    with pytest.raises(dt.ConfigError, match="Not a saved composition"):
+        Block.from_dict({"type": "Nope", "children": []})
+
+
+# -- saving and loading a whole setup ------------------------------------------------------
+def test_stack_with_fuse_setup_saves_and_loads_whole(tmp_path):
+    b = batch("bert")
+    model = _two_adapters()
+    model.add_delta("x", dt.AdapterConfig(kind="houlsby", bottleneck=6, modules_to_save=[])); _perturb(model, "x", 2)
+    model.add_delta("fz", dt.FusionConfig(adapters=["task", "x"])); _perturb(model, "fz", 3)
+    setup = dt.Stack("lang", dt.Fuse("task", "x", fusion="fz"))
+    model.set_active(setup)
+    want = logits(model, b)
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "deltatune_setup.json").is_file() and (tmp_path / "fz" / "adapter_config.json").is_file()
+    loaded = dt.DeltaModel.from_pretrained(bert(), tmp_path, all_deltas=True)
+    assert list(loaded.configs) == ["lang", "task", "x", "fz"] and loaded.active == setup
+    torch.testing.assert_close(logits(loaded, b), want, rtol=0, atol=0)
+    assert loaded.trainable_summary()["trainable"] == 0
+    # the root stays an ordinary delta directory: one delta, as before
+    one = dt.DeltaModel.from_pretrained(bert(), tmp_path)
+    assert list(one.configs) == ["default"] and one.configs["default"] == model.configs["lang"]
+
+
+def test_average_setup_saves_and_loads_whole(tmp_path):
+    b = batch("llama")
+    cfg = dt.LoRAConfig(r=4, targets=["q_proj", "v_proj"])
+    model = dt.attach(llama(), cfg, name="run1")
+    model.add_delta("run2", cfg)
+    model.add_delta("other", dt.BitFitConfig(add_missing=True))
+    _perturb(model, "run1", 0); _perturb(model, "run2", 1); _perturb(model, "other", 2)
+    setup = dt.Average("run1", "run2", weights=[1, 3])
+    model.set_active(setup)
+    want = logits(model, b)
+    model.save_pretrained(tmp_path)
+    loaded = dt.DeltaModel.from_pretrained(llama(), tmp_path, all_deltas=True, trainable=True)
+    assert loaded.active == setup and loaded.active.weights == (0.25, 0.75)
+    torch.testing.assert_close(logits(loaded, b), want, rtol=0, atol=0)
+    assert all(p.requires_grad for p in loaded.delta_parameters("run2"))
+    # a plain list setup, and a partial save whose active deltas were not all written
+    model.set_active(["run1", "other"]); want = logits(model, b)
+    model.save_pretrained(tmp_path / "list")
+    loaded = dt.DeltaModel.from_pretrained(llama(), tmp_path / "list", all_deltas=True)
+    assert loaded.active == ["run1", "other"]
+    torch.testing.assert_close(logits(loaded, b), want, rtol=0, atol=0)
+    model.save_pretrained(tmp_path / "part", names=["run2", "other"])
+    loaded = dt.DeltaModel.from_pretrained(llama(), tmp_path / "part", all_deltas=True)
+    assert list(loaded.configs) == ["run2", "other"] and loaded.active == ["run2"]
+    # a composition passed as names is the one saved as active
+    model.save_pretrained(tmp_path / "named", names=dt.Average("run1", "run2"))
+    loaded = dt.DeltaModel.from_pretrained(llama(), tmp_path / "named", all_deltas=True)
+    assert loaded.active == dt.Average("run1", "run2") and "other" not in loaded.configs
+
+
+def test_saved_setup_root_still_loads_in_peft(tmp_path):
+    peft = pytest.importorskip("peft")
+    b = batch("llama")
+    model = dt.attach(llama(), dt.LoRAConfig(r=4, targets=["q_proj", "v_proj"]))
+    model.add_delta("b", dt.LoRAConfig(r=4, targets=["q_proj", "v_proj"]))
+    _perturb(model, "default", 0); _perturb(model, "b", 1)
+    model.set_active(dt.Average("default", "b"))
+    model.save_pretrained(tmp_path)
+    model.set_active("default")
+    theirs = peft.PeftModel.from_pretrained(llama(), tmp_path).eval()
+    torch.testing.assert_close(logits(theirs, b), logits(model, b), atol=1e-5, rtol=1e-4)
+
+
+def test_load_all_needs_the_setup_file(tmp_path):
+    dt.attach(llama(), dt.LoRAConfig(r=2, targets=["q_proj"])).save_pretrained(tmp_path)
+    (tmp_path / "deltatune_setup.json").unlink()
+    with pytest.raises(FileNotFoundError, match="load_delta"):
+        dt.DeltaModel.from_pretrained(llama(), tmp_path, all_deltas=True)
+    (tmp_path / "deltatune_setup.json").write_text('{"deltas": {"a": "../x"}, "active": ["a"]}')
+    with pytest.raises(dt.CorruptFileError, match="folders"):
+        dt.DeltaModel.from_pretrained(llama(), tmp_path, all_deltas=True)
+
+
 # -- Average and ensembles -----------------------------------------------------------------
 def test_average_of_identical_deltas_is_that_delta():
     b = batch("bert")
@@ -232,14 +367,39 @@ def test_average_rejects_different_deltas():
     model = dt.attach(llama(), dt.LoRAConfig(r=4, targets=["q_proj"]), name="a")
     model.add_delta("b", dt.LoRAConfig(r=2, targets=["q_proj"]))
     model.add_delta("c", dt.LoRAConfig(r=4, targets=["v_proj"]))
-    for other in ("b", "c"):
-        model.set_active(dt.Average("a", other))
-        with pytest.raises(dt.IncompatibleDeltaError):
-            model(**batch("llama"))
+    for other, field in (("b", "r: 4 vs 2"), ("c", "targets")):
+        with pytest.raises(dt.IncompatibleDeltaError, match=f"different configs.*{field}"):
+            model.set_active(dt.Average("a", other))
+        assert model.active == ["a"], "a refused setup leaves the active one"
         with pytest.raises(dt.IncompatibleDeltaError, match="one config"):
             dt.average_deltas(model, ["a", other], into="s")
     with pytest.raises(dt.ConfigError, match="non-negative"):
         dt.Average("a", "b", weights=[1])
+
+
+def test_average_compares_configs_not_only_shapes():
+    model = dt.attach(bert(), dt.AdapterConfig(bottleneck=6, non_linearity="relu", modules_to_save=[]), name="a")
+    model.add_delta("b", dt.AdapterConfig(bottleneck=6, non_linearity="gelu", modules_to_save=[]))
+    with pytest.raises(dt.IncompatibleDeltaError, match="non_linearity: 'relu' vs 'gelu'"):
+        model.set_active(dt.Average("a", "b"))
+    with pytest.raises(dt.IncompatibleDeltaError, match="non_linearity"):
+        model.set_active(dt.Stack(dt.Average("a", "b")))  # also nested
+
+
+@pytest.mark.parametrize("cfg", [dt.PrefixConfig(num_virtual_tokens=3, reparam_hidden=8),
+                                 dt.MAMConfig(prefix_length=3, prefix_reparam_hidden=8, bottleneck=8)],
+                         ids=["prefix", "mam"])
+def test_average_of_model_level_deltas_points_to_average_deltas(cfg):
+    b = batch("gpt2")
+    model = dt.attach(gpt2(), cfg, name="r1")
+    _perturb(model, "r1")
+    want = logits(model, b)
+    dt.copy_delta(model, "r1", "r2")
+    with pytest.raises(dt.ConfigError, match=r"not averaged on the fly.*dt\.average_deltas\(model, \['r1', 'r2'\]"):
+        model.set_active(dt.Average("r1", "r2"))
+    dt.average_deltas(model, ["r1", "r2"], into="soup")  # the way that works for them
+    model.set_active("soup")
+    torch.testing.assert_close(logits(model, b), want)
 
 
 def test_ensemble_averages_probabilities():

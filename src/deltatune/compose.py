@@ -7,16 +7,22 @@ every `DeltaLayer` calls in place of its default "apply the active pieces in ord
     model.set_active(dt.Stack("lang", "task"))          # MAD-X: task adapter on top of a language adapter
     model.set_active(dt.Fuse("a", "b", fusion="ab"))    # AdapterFusion (its own delta, FusionConfig)
     model.set_active(dt.Average("run1", "run2"))        # weight-space average, computed on the fly
+
+Blocks are immutable, hashable values with a nested JSON form (`to_dict` / `Block.from_dict`);
+`save_pretrained` records the active one in deltatune_setup.json and
+`DeltaModel.from_pretrained(base, path, all_deltas=True)` restores every delta and that setup.
 """
 from __future__ import annotations
 
 import copy
+import json
+from pathlib import Path
 
 import torch
 from torch.func import functional_call
 from transformers.modeling_outputs import SequenceClassifierOutput
 
-from .core.errors import ConfigError, IncompatibleDeltaError
+from .core.errors import ConfigError, CorruptFileError, IncompatibleDeltaError
 from .methods.adapters import FusionPiece
 
 
@@ -38,7 +44,14 @@ def _apply_names(layer, names, x, out):
 
 
 class Block:
-    """A composition of named deltas (or nested blocks)."""
+    """A composition of named deltas (or nested blocks). Blocks are immutable values: equal
+    blocks hash alike, and `to_dict`/`Block.from_dict` give their JSON form (nested)."""
+
+    _types: dict[str, type] = {}
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        Block._types[cls.__name__] = cls
 
     def __init__(self, *children):
         if not children:
@@ -46,7 +59,11 @@ class Block:
         for c in children:
             if not isinstance(c, (str, Block)):
                 raise ConfigError(f"{type(self).__name__} takes delta names or blocks, got {c!r}.")
-        self.children = tuple(children)
+        object.__setattr__(self, "children", tuple(children))
+
+    def __setattr__(self, name, value):
+        raise AttributeError(f"{type(self).__name__} is immutable (it is hashable and may be a dict key); "
+                             "build a new one instead.")
 
     def names(self) -> list[str]:
         out = []
@@ -55,6 +72,13 @@ class Block:
                 if n not in out:
                     out.append(n)
         return out
+
+    def check(self, model) -> None:
+        """Called by `DeltaModel.set_active` (after the names are known to be attached): raise
+        if the deltas cannot be combined this way."""
+        for c in self.children:
+            if isinstance(c, Block):
+                c.check(model)
 
     def compose(self, layer, *args, **kwargs):
         # a trained copy of the module (a task head) replaces it: the last one named wins, as in a list
@@ -65,11 +89,46 @@ class Block:
     def apply(self, layer, x, out):  # pragma: no cover - interface
         raise NotImplementedError
 
+    # -- value semantics and JSON ------------------------------------------------
+    def _options(self) -> dict:
+        """Options besides the children (JSON-ready)."""
+        return {}
+
+    def _key(self):
+        return (type(self), self.children, tuple(sorted(self._options().items(), key=lambda kv: kv[0])))
+
+    def __eq__(self, other):
+        return isinstance(other, Block) and self._key() == other._key()
+
+    def __hash__(self):
+        return hash(self._key())
+
+    def to_dict(self) -> dict:
+        kids = [c if isinstance(c, str) else c.to_dict() for c in self.children]
+        return {"type": type(self).__name__, "children": kids, **{k: _json(v) for k, v in self._options().items()}}
+
+    @staticmethod
+    def from_dict(d: dict) -> "Block":
+        if not isinstance(d, dict) or d.get("type") not in Block._types or not isinstance(d.get("children"), list):
+            raise ConfigError(f"Not a saved composition: {d!r}; expected {{'type': one of "
+                              f"{sorted(Block._types)}, 'children': [...]}}.")
+        cls = Block._types[d["type"]]
+        kids = [c if isinstance(c, str) else Block.from_dict(c) for c in d["children"]]
+        options = {k: v for k, v in d.items() if k not in ("type", "children")}
+        return cls._from_parts(kids, options)
+
+    @classmethod
+    def _from_parts(cls, children, options):
+        if options:
+            raise ConfigError(f"{cls.__name__} takes no options, got {sorted(options)}.")
+        return cls(*children)
+
     def __repr__(self):
         return f"{type(self).__name__}({', '.join(map(repr, self.children))})"
 
-    def __eq__(self, other):
-        return type(self) is type(other) and vars(self) == vars(other)
+
+def _json(v):
+    return list(v) if isinstance(v, tuple) else v
 
 
 class Stack(Block):
@@ -85,16 +144,39 @@ class Stack(Block):
 class Fuse(Block):
     """AdapterFusion: where the fusion delta has a piece, an attention over the adapters' outputs
     replaces adding them; elsewhere (input taps, task heads) the named pieces act as usual.
-    `fusion` names the FusionConfig delta (default: the adapter names joined by '+')."""
+    `fusion` names the FusionConfig delta (default: the adapter names joined by '+'); it must
+    have been built for exactly these adapters (`FusionConfig(adapters=...)`)."""
 
     def __init__(self, *adapters, fusion: str | None = None):
         super().__init__(*adapters)
         if not all(isinstance(a, str) for a in adapters):
             raise ConfigError("Fuse takes adapter names; nest it inside a Stack, not the other way round.")
-        self.fusion = fusion or "+".join(adapters)
+        if len(set(adapters)) != len(adapters):
+            raise ConfigError(f"Fuse names an adapter twice: {list(adapters)}.")
+        object.__setattr__(self, "fusion", fusion or "+".join(adapters))
 
     def names(self):
         return [*self.children, self.fusion]
+
+    def _options(self):
+        return {"fusion": self.fusion}
+
+    @classmethod
+    def _from_parts(cls, children, options):
+        if set(options) - {"fusion"}:
+            raise ConfigError(f"Fuse takes the option 'fusion' only, got {sorted(options)}.")
+        return cls(*children, fusion=options.get("fusion"))
+
+    def check(self, model) -> None:
+        from .methods.adapters import FusionConfig
+        cfg = model.configs[self.fusion]
+        if not isinstance(cfg, FusionConfig):
+            raise ConfigError(f"{self!r}: delta {self.fusion!r} is a {cfg.method!r} delta, not an AdapterFusion "
+                              "one; add it with dt.FusionConfig(adapters=[...]) or pass fusion=<its name>.")
+        if set(cfg.adapters) != set(self.children):
+            raise ConfigError(f"{self!r} fuses {list(self.children)}, but the fusion delta {self.fusion!r} was "
+                              f"built for {list(cfg.adapters)} (its FusionConfig.adapters): name the same adapters "
+                              "or add a FusionConfig for these.")
 
     def apply(self, layer, x, out):
         fusion = _live(layer, self.fusion)
@@ -108,15 +190,45 @@ class Fuse(Block):
 
 
 class Average(Block):
-    """Weight-space average of same-shaped deltas (checkpoint averaging, model soups), computed
+    """Weight-space average of same-config deltas (checkpoint averaging, model soups), computed
     on the fly: each module runs the first delta's piece with the (weighted) mean of all their
-    tensors. `dt.average_deltas` stores such an average as a new delta instead."""
+    tensors. Deltas with model-level pieces (prompts, prefixes, MAM) cannot be averaged on the
+    fly: `dt.average_deltas` stores such an average as a new delta instead."""
 
     def __init__(self, *names, weights=None):
         super().__init__(*names)
         if not all(isinstance(n, str) for n in names):
             raise ConfigError("Average takes delta names.")
-        self.weights = _normalise(weights, len(names))
+        object.__setattr__(self, "weights", tuple(_normalise(weights, len(names))))
+
+    def _options(self):
+        return {"weights": self.weights}
+
+    @classmethod
+    def _from_parts(cls, children, options):
+        if set(options) - {"weights"}:
+            raise ConfigError(f"Average takes the option 'weights' only, got {sorted(options)}.")
+        block = cls(*children, weights=options.get("weights"))
+        if options.get("weights") is not None:  # saved weights are normalised already: keep them bit for bit
+            object.__setattr__(block, "weights", tuple(float(w) for w in options["weights"]))
+        return block
+
+    def check(self, model) -> None:
+        level = [n for n in self.children if n in model.model_pieces]
+        if level:
+            raise ConfigError(
+                f"{self!r}: {level} act on the model's inputs or attention cache (prompt, prefix, MAM or other "
+                "model-level deltas), which are not averaged on the fly. Store the average as a new delta and "
+                f"activate that: dt.average_deltas(model, {list(self.children)}, into='soup'); "
+                "model.set_active('soup').")
+        cfgs = [model.configs[n].to_dict() for n in self.children]
+        for n, c in zip(self.children[1:], cfgs[1:]):
+            if c != cfgs[0]:
+                diff = sorted(k for k in set(c) | set(cfgs[0]) if c.get(k) != cfgs[0].get(k))
+                raise IncompatibleDeltaError(
+                    f"{self!r}: {self.children[0]!r} and {n!r} have different configs "
+                    f"({', '.join(f'{k}: {cfgs[0].get(k)!r} vs {c.get(k)!r}' for k in diff)}); weight-space "
+                    "averaging needs deltas of the same method, config and targets.")
 
     def _pieces(self, layer):
         pieces = [_live(layer, n) for n in self.children]
@@ -156,6 +268,11 @@ class Average(Block):
             return out
         return functional_call(pieces[0], self._mean(pieces), (x, out, layer.base_layer))
 
+    def __repr__(self):
+        if len(set(self.weights)) == 1:
+            return super().__repr__()
+        return f"Average({', '.join(map(repr, self.children))}, weights={list(self.weights)!r})"
+
 
 def _normalise(weights, n):
     if weights is None:
@@ -164,6 +281,63 @@ def _normalise(weights, n):
     if len(weights) != n or sum(weights) <= 0 or min(weights) < 0:
         raise ConfigError(f"weights must be {n} non-negative numbers with a positive sum, got {weights}.")
     return [w / sum(weights) for w in weights]
+
+
+# -- saving and loading a whole setup ------------------------------------------------
+SETUP_NAME = "deltatune_setup.json"  # next to the root delta's adapter_config.json (PEFT ignores it)
+
+
+def setup_to_json(active):
+    """The JSON form of what `set_active` took: a list of names or a block's `to_dict()`."""
+    return active.to_dict() if isinstance(active, Block) else list(active)
+
+
+def setup_from_json(d):
+    if isinstance(d, list) and all(isinstance(n, str) for n in d):
+        return list(d)
+    return Block.from_dict(d)
+
+
+def write_setup(model, path, requested, saved: list[str], root: str) -> None:
+    """Write `path`/deltatune_setup.json: which saved delta lives in which folder (in the order
+    they were attached, so a fusion loads after its adapters) and the composition to activate:
+    `requested` when it is a block, else the model's active setup when every delta it names was saved."""
+    from .core.io import atomic_write
+    order = [n for n in model.configs if n in saved]
+    if isinstance(requested, Block):
+        active = requested
+    elif set(model.active_names) <= set(saved) and model.active_names:
+        active = model.active
+    else:
+        active = [root]
+    text = json.dumps({"format": 1, "root": root, "deltas": {n: "." if n == root else n for n in order},
+                       "active": setup_to_json(active)}, indent=2)
+    atomic_write(Path(path) / SETUP_NAME, lambda t: Path(t).write_text(text))
+
+
+def load_setup(base_model, path, trainable: bool = False):
+    """Every delta `save_pretrained` wrote to `path` (the root one and those in subfolders), under
+    their names, with the saved composition active; `DeltaModel.from_pretrained(base, path,
+    all_deltas=True)` calls this."""
+    from .core.model import DeltaModel
+    file = Path(path) / SETUP_NAME
+    if not file.is_file():
+        raise FileNotFoundError(f"{file} not found: all_deltas=True needs the {SETUP_NAME} that save_pretrained "
+                                "writes next to the root delta. Load the deltas one by one with "
+                                "load_delta(path_or_subfolder, name=...) instead.")
+    try:
+        setup = json.loads(file.read_text())
+        deltas, active = dict(setup["deltas"]), setup_from_json(setup["active"])
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        raise CorruptFileError(f"{file} is not a deltatune setup file ({e}); re-save the model.") from None
+    bad = [f for n, f in deltas.items() if f not in (".", n) or "/" in f or "\\" in f]
+    if bad:
+        raise CorruptFileError(f"{file} names delta folders {bad}; save_pretrained writes '.' or the delta's name.")
+    model = base_model if isinstance(base_model, DeltaModel) else DeltaModel(base_model)
+    for name, folder in deltas.items():
+        model.load_delta(Path(path) / folder, name=name, trainable=trainable)
+    model.set_active(active)
+    return model
 
 
 # -- ensembles of deltas -----------------------------------------------------------

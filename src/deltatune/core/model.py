@@ -169,6 +169,8 @@ class DeltaModel(nn.Module):
         """Activate one delta, a list (their effects add) or a composition (dt.Stack, ...)."""
         active = [names] if isinstance(names, str) else names
         self._check_names(self._names(active))
+        if callable(getattr(active, "check", None)):  # a composition checks that its deltas combine
+            active.check(self)
         self.active = active
         for _, layer in self.delta_layers():
             layer.active = active
@@ -319,12 +321,15 @@ class DeltaModel(nn.Module):
         return out
 
     def save_pretrained(self, path, names=None) -> None:
-        """Write each delta: the first (or "default") in `path`, others in `path/<name>/`."""
-        names = list(self.configs) if names is None else self._names(names)
+        """Write each delta: the first (or "default") in `path`, others in `path/<name>/`; plus
+        `path/deltatune_setup.json` (folders and active composition) for from_pretrained(all_deltas=True)."""
+        requested, names = names, list(self.configs) if names is None else self._names(names)
         self._check_names(names)
         root = "default" if "default" in names else names[0]
         for n in names:
             write_delta(Path(path) if n == root else Path(path) / n, self.file_config(n), self.delta_state(n))
+        from ..compose import write_setup
+        write_setup(self, path, requested, names, root)
 
     def file_config(self, name: str) -> dict:
         """adapter_config.json of one delta. Besides the method's options it records facts about the
@@ -345,7 +350,13 @@ class DeltaModel(nn.Module):
         return d
 
     @classmethod
-    def from_pretrained(cls, base_model, path, name: str = "default", trainable: bool = False) -> "DeltaModel":
+    def from_pretrained(cls, base_model, path, name: str = "default", trainable: bool = False,
+                        all_deltas: bool = False) -> "DeltaModel":
+        """Load the delta in `path` as `name`; with all_deltas=True every delta save_pretrained wrote
+        there (root and subfolders, under their saved names) with the saved active composition."""
+        if all_deltas:
+            from ..compose import load_setup
+            return load_setup(base_model, path, trainable=trainable)
         model = base_model if isinstance(base_model, DeltaModel) else cls(base_model)
         model.load_delta(path, name=name, trainable=trainable)
         model.set_active(name)

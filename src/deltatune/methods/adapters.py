@@ -364,6 +364,8 @@ class FusionConfig(DeltaConfig):
     def __post_init__(self):
         if len(self.adapters) < 1:
             raise ConfigError("FusionConfig needs the names of the adapters to fuse, e.g. adapters=['a', 'b'].")
+        if len(set(self.adapters)) != len(self.adapters):
+            raise ConfigError(f"FusionConfig names an adapter twice: {list(self.adapters)}.")
         if not self.temperature > 0:
             raise ConfigError(f"FusionConfig temperature must be > 0, got {self.temperature}.")
 
@@ -408,6 +410,13 @@ def build_fusion(model: nn.Module, config: FusionConfig) -> dict[str, DeltaPiece
     if missing:
         raise ConfigError(f"AdapterFusion needs the adapters {missing} attached before the fusion: "
                           "add_delta/load_delta them (AdapterConfig) first, then add the FusionConfig.")
+    # AdapterFusion trains the fusion (and its task head) on top of frozen adapters: freeze every
+    # piece of the fused deltas (their task-head copies too); set_trainable(name, True) undoes it
+    for mod in model.modules():
+        if isinstance(mod, DeltaLayer):
+            for n in config.adapters:
+                if n in mod.deltas:
+                    mod.deltas[n].requires_grad_(False)
     return pieces
 
 
