@@ -335,3 +335,24 @@ def test_hf_trainer_trains_a_delta_model_and_saves_only_the_delta(tmp_path):
     _assert_equal_deltas(fresh.delta_state("default"), model.delta_state("default"))
     files = dt.DeltaModel.from_pretrained(make_model().base_model, tmp_path / "full" / "checkpoint-4" / "delta")
     _assert_equal_deltas(files.delta_state("default"), model.delta_state("default"))
+
+
+def test_checkpoint_recreates_deltas_in_attach_order(tmp_path):
+    """Deltas a run attached (EMA, snapshots, a fusion) come back from a checkpoint in attach order:
+    a fusion ("f") needs its adapters ("y", "z") first, though it sorts before them."""
+    from tiny import batch
+    model = dt.attach(bert(), dt.AdapterConfig(kind="pfeiffer", bottleneck=4, modules_to_save=[]), name="z")
+    model.add_delta("y", dt.AdapterConfig(kind="pfeiffer", bottleneck=4, modules_to_save=[]))
+    model.add_delta("f", dt.FusionConfig(adapters=["z", "y"], modules_to_save=[]))
+    with torch.no_grad():
+        for name in ("z", "y", "f"):
+            for p in model.delta_parameters(name):
+                p.add_(torch.randn_like(p) * 0.1)
+    model.set_active(dt.Fuse("z", "y", fusion="f"))
+    b = batch("bert")
+    expected = model(**b).logits
+    ckpt.save_model_state(model, tmp_path)
+    fresh = dt.DeltaModel(bert())
+    ckpt.load_model_state(fresh, tmp_path)
+    fresh.set_active(dt.Fuse("z", "y", fusion="f"))
+    torch.testing.assert_close(fresh(**b).logits, expected, atol=0, rtol=0)

@@ -26,6 +26,7 @@ from safetensors.torch import load_file, save_file
 from ..core.errors import ConfigError, CorruptFileError
 
 STATE_NAME = "trainer_state.json"
+ORDER_NAME = "order.json"  # delta/: the names in attach order
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 
 
@@ -112,6 +113,8 @@ def save_model_state(model, directory: Path) -> None:
     if hasattr(model, "delta_state") and getattr(model, "configs", None):
         for name in model.configs:
             model.save_pretrained(directory / "delta" / name, names=[name])
+        # attach order: a delta that builds on others (a fusion on its adapters) is re-created after them
+        (directory / "delta" / ORDER_NAME).write_text(json.dumps(list(model.configs)))
         state.update({n: p for n, p in model.named_parameters() if p.requires_grad and n not in state})
     tensors, seen = {}, set()
     for k, v in state.items():
@@ -124,8 +127,11 @@ def save_model_state(model, directory: Path) -> None:
 def load_model_state(model, directory: Path) -> None:
     deltas = directory / "delta"
     if deltas.is_dir():  # deltas made during training (EMA, snapshots) are re-created first
-        for sub in sorted(p for p in deltas.iterdir() if p.is_dir() and p.name not in model.configs):
-            model.load_delta(sub, name=sub.name, trainable=False)
+        order = deltas / ORDER_NAME
+        names = json.loads(order.read_text()) if order.is_file() else sorted(p.name for p in deltas.iterdir())
+        for name in names:
+            if (deltas / name).is_dir() and name not in model.configs:
+                model.load_delta(deltas / name, name=name, trainable=False)
     try:
         # exact: the file format may be lossy (sparse deltas), the raw state is not
         model.load_state_dict(load_file(str(directory / "model_state.safetensors")), strict=True)
