@@ -1,6 +1,7 @@
 """Data sources, augmentation and each task type's tokenisation / label masking."""
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -13,6 +14,16 @@ from deltatune.data.text import (IGNORE, Collator, MLMCollator, premask, tokeniz
                                  tokenize_seq2seq, tokenize_sft, tokenize_token_classification)
 
 ROWS = [{"text": f"message number {i}", "label": "spam" if i % 3 == 0 else "ham"} for i in range(10)]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models gain nothing from intra-op threads, and on a busy shared CPU OpenMP threads
+    waiting for each other made these tests several times slower. Restored afterwards."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
@@ -139,3 +150,101 @@ def test_seq2seq_labels_and_collator(bert_tok):
     assert batch["labels"][1].tolist()[-1] == IGNORE  # labels pad with -100
     assert batch["prompt_ids"].tolist() == [[5, 6, 7], [0, 0, 8]] and batch["prompt_mask"].tolist()[1] == [0, 0, 1]
     assert batch["reference"] == ["x y", "z"]
+
+
+# ---- seq2seq and token classification end to end: a tiny model in a local folder, JSONL data ---------------------
+WORDS = ["red", "green", "blue", "apple", "car", "sky", "paris", "rome", "anna", "visited", "likes", "the", "and"]
+
+
+def local_model(folder, model):
+    """A local model folder: `model` plus a BERT tokenizer whose vocabulary is WORDS."""
+    from transformers import BertTokenizer
+
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS
+    tok = BertTokenizer(vocab={w: i for i, w in enumerate(vocab)})
+    assert tok(" ".join(WORDS), add_special_tokens=False)["input_ids"] == list(range(5, len(vocab)))
+    tok.save_pretrained(folder)
+    model.save_pretrained(folder)
+    return str(folder)
+
+
+def write_jsonl(path, rows):
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    return str(path)
+
+
+def run_task(tmp_path, model_dir, task, rows, steps, lr=3e-2):
+    from deltatune import recipes
+    from deltatune.config_file import load_run_config
+
+    data = write_jsonl(tmp_path / "d.jsonl", rows)
+    raw = {"output_dir": str(tmp_path / "run"), "model": {"path": model_dir},
+           "delta": {"method": "lora", "r": 4, "alpha": 8, "targets": "all-linear"},
+           "data": {"train": data, "eval": data}, "task": task,
+           "train": {"max_steps": steps, "batch_size": 4, "eval_batch_size": 8, "lr": lr, "warmup_ratio": 0.0,
+                     "progress": False, "plot": False, "tensorboard": False}}
+    cfg = load_run_config(raw=raw)
+    res = recipes.run(cfg)
+    return cfg, res, recipes.get_recipe("task").evaluate(cfg, res["delta"])
+
+
+def test_seq2seq_task_end_to_end_on_a_tiny_t5(tmp_path):
+    from transformers import AutoModelForSeq2SeqLM, T5Config, T5ForConditionalGeneration
+
+    from deltatune.core.model import DeltaModel
+    from deltatune.data.text import Collator
+    from deltatune.eval.evaluators import generate_texts
+    from deltatune.train.metrics import exact_match
+
+    torch.manual_seed(0)
+    t5 = T5ForConditionalGeneration(T5Config(vocab_size=5 + len(WORDS), d_model=32, d_kv=8, d_ff=64, num_layers=1,
+                                             num_decoder_layers=1, num_heads=4, pad_token_id=0, eos_token_id=3,
+                                             decoder_start_token_id=0))
+    model_dir = local_model(tmp_path / "t5", t5)
+    colours, things = WORDS[:3], WORDS[3:6]
+    rows = [{"source": f"the {c} {t}", "target": t} for c in colours for t in things]  # drop "the" and the colour
+    cfg, res, again = run_task(tmp_path, model_dir, {"type": "seq2seq", "max_length": 8, "max_new_tokens": 3},
+                               rows, steps=40)
+    before, after = res["before"], res["after"]
+    assert set(after) == {"loss", "perplexity", "exact_match", "bleu"}
+    assert after["loss"] < before["loss"] / 2 and after["perplexity"] == pytest.approx(np.exp(after["loss"]))
+    assert after["exact_match"] > before["exact_match"]
+    assert again == pytest.approx(after, rel=1e-5)  # `deltatune eval` of the saved delta
+    # exact match by hand: greedy generations of the saved delta against the targets
+    tok = load_tokenizer(model_dir)
+    model = DeltaModel.from_pretrained(AutoModelForSeq2SeqLM.from_pretrained(model_dir), res["delta"]).eval()
+    enc = [{k: v for k, v in tok(r["source"]).items() if k != "token_type_ids"} for r in rows]
+    with torch.no_grad():
+        preds = generate_texts(model, tok, Collator(tok.pad_token_id)(enc), 3)
+    assert exact_match(preds, [r["target"] for r in rows]) == after["exact_match"]
+
+
+def test_token_classification_task_end_to_end_on_a_tiny_bert(tmp_path):
+    from transformers import AutoModelForTokenClassification, BertConfig, BertForTokenClassification
+
+    from deltatune.core.model import DeltaModel
+
+    torch.manual_seed(0)
+    bert = BertForTokenClassification(BertConfig(vocab_size=5 + len(WORDS), hidden_size=32, num_hidden_layers=1,
+                                                 num_attention_heads=4, intermediate_size=64, num_labels=3))
+    model_dir = local_model(tmp_path / "bert", bert)
+    tag = {"paris": "LOC", "rome": "LOC", "anna": "PER"}  # every other word: O
+    sentences = [["anna", "visited", w] for w in ("paris", "rome")] + [["anna", "likes", "the", w, "car"]
+                                                                       for w in ("red", "blue")]
+    sentences += [["the", "sky", "and", "rome"], ["anna", "likes", "paris", "and", "rome"]]
+    rows = [{"tokens": s, "tags": [tag.get(w, "O") for w in s]} for s in sentences]
+    cfg, res, again = run_task(tmp_path, model_dir, {"type": "token_classification", "max_length": 12},
+                               rows, steps=30)
+    assert res["after"]["accuracy"] == 1.0 and res["after"]["accuracy"] > res["before"]["accuracy"]
+    assert again == pytest.approx(res["after"], rel=1e-5)
+    # by hand: the saved delta's prediction for the first sub-token of each word, names from the config
+    tok = load_tokenizer(model_dir)
+    base = AutoModelForTokenClassification.from_pretrained(model_dir, num_labels=3)
+    model = DeltaModel.from_pretrained(base, res["delta"]).eval()
+    names = ["LOC", "O", "PER"]  # sorted distinct tags: ids in that order
+    for r in rows:
+        enc = tok(r["tokens"], is_split_into_words=True, return_tensors="pt")
+        with torch.no_grad():
+            pred = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits[0].argmax(-1)
+        firsts = [enc.word_ids().index(i) for i in range(len(r["tokens"]))]
+        assert [names[int(pred[j])] for j in firsts] == r["tags"]

@@ -1,5 +1,7 @@
-"""Every examples/*.yaml on a tiny model, plus the recipes' own pieces against references:
-PET verbalizer scoring, kNN retrieval, seed abandonment, regularisers, delta carrying."""
+"""Every examples/*.yaml on a tiny model (and `evaluate` of its saved delta against results.json),
+the recipes' options the examples do not use (DAPT data, carry: merge, carry_head), plus the
+recipes' own pieces against references: PET verbalizer scoring, kNN retrieval, seed
+abandonment, regularisers, delta carrying, the joint loss, multitask heads."""
 import json
 from pathlib import Path
 
@@ -25,6 +27,16 @@ SMALL = ["model.tiny=true", "train.max_steps=2", "train.batch_size=4", "train.ev
          "train.progress=false", "train.plot=false", "train.tensorboard=false", "task.max_new_tokens=3"]
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models gain nothing from intra-op threads, and on a busy shared CPU OpenMP threads
+    waiting for each other made these tests several times slower. Restored afterwards."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def shrink(node):
     """Every data section of a run config down to a handful of examples."""
     if isinstance(node, dict):
@@ -47,13 +59,34 @@ def tiny_run(path, tmp_path, extra=()):
     return cfg, recipes.run(cfg)
 
 
+# the metrics of the trained delta in results.json, which `deltatune eval` (recipe.evaluate) must reproduce
+# (robust is left out: its tiny base model is built from each seed, the evaluation's from train.seed)
+AFTER = {"task": lambda r: r["after"], "joint": lambda r: r["after"], "pet": lambda r: r["after"],
+         "ipt": lambda r: r["after"], "multitask": lambda r: r["after"], "adaptive": lambda r: r["task"]["after"],
+         "intermediate": lambda r: r["target"]["after"],
+         "instruction": lambda r: {**r["zero_shot_after"], **r.get("seen_after", {})}}
+
+
+def assert_same_metrics(got: dict, want: dict):
+    assert set(got) == set(want)
+    for k in want:
+        assert got[k] == pytest.approx(want[k], rel=1e-5, abs=1e-6), k
+
+
+def evaluate(cfg, delta_dir):
+    return recipes.get_recipe(cfg.recipe).evaluate(cfg, delta_dir)
+
+
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.stem)
 def test_example_runs_on_a_tiny_model(path, tmp_path):
     cfg, results = tiny_run(path, tmp_path)
     out = tmp_path / "run"
-    assert json.loads((out / "results.json").read_text()).keys() == json.loads(json.dumps(results)).keys()
+    saved = json.loads((out / "results.json").read_text())
+    assert saved.keys() == json.loads(json.dumps(results)).keys()
     assert (Path(results["delta"]) / "adapter_model.safetensors").exists()
     assert (out / "run.yaml").exists()
+    if cfg.recipe in AFTER:  # the saved delta, loaded again, scores what results.json reports
+        assert_same_metrics(evaluate(cfg, results["delta"]), AFTER[cfg.recipe](saved))
 
 
 # ---- PET ----------------------------------------------------------------------------------------------
@@ -214,3 +247,146 @@ def test_multitask_shared_prompts_with_a_head_per_task(tmp_path):
     heads = [dt.core.io.read_delta(final / f"head_{n}")[1] for n in ("sms", "bbc")]
     assert heads[0].keys() == heads[1].keys()
     assert any(not torch.equal(heads[0][k], heads[1][k]) for k in heads[0])  # each task trained its own head
+
+
+# ---- joint: task loss + lambda * LM loss, the LM head beside the trained model ------------------------------
+def minilm_raw(tmp_path, recipe, **sections):
+    raw = {"output_dir": str(tmp_path / "run"), "model": {"path": "minilm", "tiny": True},
+           "delta": {"method": "lora", "r": 4, "targets": "all-linear"},
+           "data": {"source": "sms_spam", "max_train": 12, "max_eval": 8},
+           "task": {"type": "classification", "max_length": 24},
+           "train": {"max_steps": 3, "batch_size": 4, "eval_batch_size": 8, "lr": 1e-2, "progress": False,
+                     "plot": False, "tensorboard": False},
+           "recipe": recipe}
+    return {**raw, **sections}
+
+
+@pytest.mark.parametrize("model", ["smollm2", "minilm"])
+def test_joint_loss_is_task_loss_plus_lambda_times_lm_loss(model, tmp_path):
+    from deltatune.data.text import mask_tokens
+    from deltatune.eval.evaluators import model_inputs
+    from deltatune.recipes import joint
+
+    raw = minilm_raw(tmp_path, {"name": "joint", "lm_weight": 0.3},
+                     model={"path": model, "tiny": True}, delta={"method": "lora", "r": 2, "targets": "all-linear"})
+    job, lm_model, objective = joint.joint_job(load_run_config(raw=raw))
+    assert objective == ("causal_lm" if model == "smollm2" else "masked_lm")
+    m, tok = job.model, job.tokenizer
+    with torch.no_grad():  # a non-zero delta, so that the LM loss must run through it
+        for p in m.delta_parameters("default"):
+            p.normal_(0, 0.1)
+    m.eval()
+    batch = job.collate(job.train[:4])
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    torch.manual_seed(0)
+    loss = job.loss_fn(m, batch)
+    task = m(**model_inputs(batch)).loss
+    body = m.base_model.base_model  # the task model's body, delta inside
+    emb = m.base_model.get_input_embeddings().weight
+    if objective == "causal_lm":  # next token on the non-padding tokens, tied output embeddings
+        hidden = body(input_ids=ids, attention_mask=mask).last_hidden_state
+        logits, labels = F.linear(hidden, emb)[:, :-1], ids.masked_fill(mask == 0, -100)[:, 1:]
+    else:  # the same masks (same RNG state), BERT's MLM head: transform, then the tied decoder + bias
+        torch.manual_seed(0)
+        special = torch.isin(ids, torch.tensor(tok.all_special_ids))
+        masked, labels = mask_tokens(ids, tok, 0.15, special)
+        assert (labels != -100).any()
+        hidden = body(input_ids=masked, attention_mask=mask).last_hidden_state
+        head = lm_model.cls.predictions
+        logits = F.linear(head.transform(hidden), emb, head.bias)
+    lm = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
+    torch.testing.assert_close(loss, task + 0.3 * lm)
+    loss.backward()  # the LM loss trains the delta; the LM head stays frozen
+    assert all(p.grad is not None for p in m.delta_parameters("default"))
+    own = [c for c in lm_model.children() if c is not body]  # the LM head, which the Trainer does not move
+    head_only = [p for c in own for p in c.parameters() if not any(p is q for q in m.parameters())]
+    assert all(not p.requires_grad and p.grad is None for p in head_only)
+    assert (model == "minilm") == bool(head_only)  # SmolLM2's head is the tied embedding; BERT's has its own layers
+    # the LM model's own modules follow the body wherever the Trainer put it (here: float64; meta device below)
+    m.double()
+    assert job.loss_fn(m, batch).dtype == torch.float64
+    assert all(p.dtype == torch.float64 for c in own for p in c.parameters())
+    m.to("meta")
+    joint.follow_body(own, body)
+    assert all(t.device.type == "meta" for c in own for t in [*c.parameters(), *c.buffers()])
+
+
+# ---- adaptive: DAPT data, carry: merge, evaluate ---------------------------------------------------------
+def test_dapt_on_its_own_text_then_merge_and_evaluate(tmp_path):
+    from deltatune.recipes.common import evaluate_task
+    domain = [{"body": f"the match ended {i} to {i + 1} after extra time in the cup final"} for i in range(20)]
+    (tmp_path / "dom.jsonl").write_text("\n".join(json.dumps(r) for r in domain))
+    (tmp_path / "dom_eval.jsonl").write_text("\n".join(json.dumps(r) for r in domain[:6]))
+    files = {"train": str(tmp_path / "dom.jsonl"), "eval": str(tmp_path / "dom_eval.jsonl")}
+    raw = minilm_raw(tmp_path, {"name": "adaptive", "carry": "merge", "text_key": "body", "max_length": 24,
+                                "data": files,
+                                "delta": {"method": "lora", "r": 2, "targets": "all-linear"},
+                                "heads": ["cls.predictions.transform"], "train": {"max_steps": 0, "epochs": 1}})
+    cfg = load_run_config(raw=raw)
+    res = recipes.run(cfg)
+    adapt = res["adapt"]
+    assert adapt["objective"] == "masked_lm"
+    assert adapt["fit"]["steps"] == 5  # one epoch of the 20 domain texts in batches of 4 (the task's 12 give 3)
+    assert adapt["after"]["perplexity"] == pytest.approx(np.exp(adapt["after"]["loss"]))
+    assert res["task"]["fit"]["steps"] == 3
+    final = Path(res["delta"])
+    assert (final / "adapted" / "adapter_model.safetensors").exists()
+    assert_same_metrics(evaluate(cfg, final), res["task"]["after"])
+    # the task delta needs the adapted body it was trained on: without it the same delta scores differently
+    assert evaluate_task(cfg, final)["loss"] != pytest.approx(res["task"]["after"]["loss"], rel=1e-6)
+
+
+# ---- intermediate: carry: merge, carry_head, evaluate --------------------------------------------------
+def test_intermediate_merge_evaluates_on_the_merged_body(tmp_path):
+    from deltatune.recipes.common import evaluate_task
+    raw = minilm_raw(tmp_path, {"name": "intermediate", "carry": "merge",
+                                "data": {"source": "bbc_news", "max_train": 12, "max_eval": 4}})
+    cfg = load_run_config(raw=raw)
+    res = recipes.run(cfg)
+    assert res["intermediate"]["fit"]["steps"] == 3 and set(res["intermediate"]["after"]) >= {"accuracy"}
+    final = Path(res["delta"])
+    assert_same_metrics(evaluate(cfg, final), res["target"]["after"])
+    assert evaluate_task(cfg, final)["loss"] != pytest.approx(res["target"]["after"]["loss"], rel=1e-6)
+
+
+def test_intermediate_carry_head_starts_task_b_from_task_a_delta_and_head(tmp_path):
+    from deltatune.recipes.common import evaluate_task
+    raw = minilm_raw(tmp_path, {"name": "intermediate", "carry_head": True,
+                                "data": {"source": "sms_spam", "seed": 1, "max_train": 12, "max_eval": 4}})
+    cfg = load_run_config(raw=raw)
+    res = recipes.run(cfg)
+    # B before training = A's trained delta, head included, scored on B's data
+    a_last = tmp_path / "run" / "intermediate" / "last"
+    assert_same_metrics(res["target"]["before"], evaluate_task(cfg, a_last))
+    assert_same_metrics(evaluate(cfg, res["delta"]), res["target"]["after"])
+
+
+def test_multitask_evaluate_scores_each_task_with_its_own_head(tmp_path):
+    from deltatune.eval.evaluators import model_inputs
+    from deltatune.recipes.common import featurize
+    from deltatune.recipes.multitask import multitask_job
+    from deltatune.train.metrics import classification_metrics
+
+    cfg, res = tiny_run(Path(__file__).parent.parent / "examples/multitask.yaml", tmp_path, ["train.max_steps=6"])
+    final = Path(res["delta"])
+    assert_same_metrics(evaluate(cfg, final), res["after"])
+    # by hand: each task's eval examples through the shared delta and that task's head, its first n_labels logits
+    job, names, sizes, loaded = multitask_job(cfg, delta_dir=final)
+    model = job.model.eval()
+    for name, n, (_, test, _), spec_task in zip(names, sizes, loaded, [cfg.task] + [t.task for t in
+                                                                                  cfg.recipe_options.tasks]):
+        model.set_active(["default", f"head_{name}"])
+        batch = job.collate([{"task": 0, "features": featurize(job.tokenizer, spec_task, test, True)}])
+        with torch.no_grad():
+            logits = model(**{k: v for k, v in model_inputs(batch).items() if k != "labels"}).logits
+        assert logits.shape[-1] == max(sizes)
+        m = classification_metrics(logits[:, :n].argmax(-1), batch["labels"])
+        assert m["accuracy"] == pytest.approx(res["after"][f"{name}_accuracy"])
+        assert m["macro_f1"] == pytest.approx(res["after"][f"{name}_macro_f1"])
+    assert res["after"]["accuracy"] == pytest.approx(sum(res["after"][f"{n}_accuracy"] for n in names) / len(names))
+    # a config whose task names are not those of the saved heads: a clear error, not a fresh random head
+    with pytest.raises(ConfigError, match="no head for task"):
+        evaluate(load_run_config(raw={**yaml.safe_load(Path(cfg.output_dir, "run.yaml").read_text()),
+                                      "recipe": {"name": "multitask", "main_name": "sms",
+                                                 "tasks": [{"name": "news", "data": {"source": "bbc_news"}}]}}),
+                 final)

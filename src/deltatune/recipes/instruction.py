@@ -101,6 +101,7 @@ def rank_classify(model, tokenizer, prompts: list[str], options: list[str], syst
 
 def evaluate_tasks(model, tok, tasks, evals, system=None) -> dict:
     """Zero-shot-style scores of each task on its evaluation rows."""
+    model.eval()  # greedy generation and rank classification without dropout
     out = {}
     for task in tasks:
         rows = evals[task.name]
@@ -113,13 +114,17 @@ def evaluate_tasks(model, tok, tasks, evals, system=None) -> dict:
         else:
             feats = tokenize_sft(tok, sft_examples(task, rows), 512, system=system, with_prompts=True)
             collate, preds = Collator(tok.pad_token_id), []
+            device = next(model.parameters()).device  # after training: the Trainer's device
             for i in range(0, len(feats), 16):
-                preds += generate_texts(model, tok, collate(feats[i:i + 16]), 32)
+                batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in collate(feats[i:i + 16]).items()}
+                preds += generate_texts(model, tok, batch, 32)
             out[f"{task.name}_exact_match"] = exact_match(preds, [answer_of(task, e) for e in rows])
     return out
 
 
-def run(cfg) -> dict:
+def instruction_setup(cfg):
+    """(tokenizer, SFT task config, seen tasks, held-out tasks, shuffled training mixture,
+    evaluation rows per task) of a run."""
     opts = cfg.recipe_options
     tok = load_tokenizer(cfg.model.path)
     sft = TaskConfig(type="sft", max_length=cfg.task.max_length, system=cfg.task.system,
@@ -135,7 +140,14 @@ def run(cfg) -> dict:
         if t in seen:
             train += sft_examples(t, tr)
     random.Random(cfg.train.seed).shuffle(train)
+    return tok, sft, seen, held, train, evals
+
+
+def run(cfg) -> dict:
+    opts = cfg.recipe_options
+    tok, sft, seen, held, train, evals = instruction_setup(cfg)
     seen_eval = [e for t in seen for e in sft_examples(t, evals[t.name][:32])]  # the loop's perplexity monitor
+    torch.manual_seed(cfg.train.seed)
     model = attach(build_base(cfg, sft, tok), cfg.delta_config())
     job = Job(model, tok, sft, tokenize_sft(tok, train, sft.max_length, system=sft.system),
               tokenize_sft(tok, seen_eval, sft.max_length, system=sft.system), Collator(tok.pad_token_id),
@@ -151,4 +163,19 @@ def run(cfg) -> dict:
     return result
 
 
-register_recipe("instruction", InstructionOptions, run)
+def evaluate(cfg, delta_dir) -> dict:
+    """A saved delta's zero-shot scores on the held-out tasks (`zero_shot_after` of run), and
+    on the training tasks' evaluation rows too with `evaluate_seen`."""
+    from ..core.model import DeltaModel
+    from ..train.loop import make_accelerator
+
+    tok, sft, seen, held, _, evals = instruction_setup(cfg)
+    model = DeltaModel.from_pretrained(build_base(cfg, sft, tok), delta_dir)
+    model.to(make_accelerator(cfg.train.mixed_precision, cfg.train.use_cpu).device)  # where run() scores it
+    out = evaluate_tasks(model, tok, held, evals, sft.system)
+    if cfg.recipe_options.evaluate_seen:
+        out.update(evaluate_tasks(model, tok, seen, evals, sft.system))
+    return out
+
+
+register_recipe("instruction", InstructionOptions, run, evaluate)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -22,8 +23,8 @@ from ..eval.evaluators import model_inputs
 from ..methods.partial import PartialConfig
 from ..train.metrics import classification_metrics
 from . import register_recipe
-from .common import (Job, body_config, build_base, featurize, fit, load_data, load_tokenizer, phase_config,
-                     save_final)
+from .common import (Job, body_config, build_base, featurize, fit, for_task, load_data, load_tokenizer,
+                     phase_config, save_final)
 from ..data.text import Collator
 
 
@@ -64,7 +65,9 @@ class TaskBatchCollator:
         return {**self.pad(item["features"]), "task": item["task"]}
 
 
-def run(cfg) -> dict:
+def multitask_job(cfg, delta_dir=None):
+    """(Job over every task's single-task batches, task names, label counts, examples loaded).
+    With delta_dir: the shared delta and each task's head loaded from a saved run's final/."""
     opts = cfg.recipe_options
     if cfg.task.type != "classification":
         raise ConfigError("multitask trains classification tasks; set task.type: classification.")
@@ -72,18 +75,28 @@ def run(cfg) -> dict:
     specs = [TaskSpec(opts.main_name, cfg.data, cfg.task)] + list(opts.tasks)
     loaded = [load_data(s.data, s.task) for s in specs]
     sizes = [len(names) for _, _, names in loaded]
+    names = [s.name for s in specs]
+    torch.manual_seed(cfg.train.seed)
     base = build_base(cfg, cfg.task, tok, [str(i) for i in range(max(sizes))])
     model = DeltaModel(base)
-    heads = default_heads(base)
-    model.add_delta("default", body_config(cfg.delta_config()))
-    for s in specs:
-        model.add_delta(f"head_{s.name}", PartialConfig(targets=heads), trainable=True)
+    if delta_dir is None:
+        heads = default_heads(base)
+        model.add_delta("default", body_config(cfg.delta_config()))
+        for n in names:
+            model.add_delta(f"head_{n}", PartialConfig(targets=heads), trainable=True)
+    else:
+        model.load_delta(delta_dir, "default")
+        for n in names:
+            path = Path(delta_dir) / f"head_{n}"
+            if not path.is_dir():
+                raise ConfigError(f"{delta_dir} has no head for task {n!r} ({path.name}/): it was saved by a "
+                                  "multitask run with other task names.")
+            model.load_delta(path, f"head_{n}")
     rng = random.Random(cfg.train.seed)
     train, evals = [], []
     for t, (s, (tr, te, _)) in enumerate(zip(specs, loaded)):
         train += batches_of(featurize(tok, s.task, tr), cfg.train.batch_size, t, rng)
         evals += batches_of(featurize(tok, s.task, te, True), cfg.train.eval_batch_size, t, rng)
-    names = [s.name for s in specs]
 
     def activate(task):
         model.set_active(["default", f"head_{names[task]}"])
@@ -114,8 +127,18 @@ def run(cfg) -> dict:
         return metrics
 
     job = Job(model, tok, cfg.task, train, evals, TaskBatchCollator(tok.pad_token_id), eval_fn, loss_fn)
-    train_cfg = phase_config(cfg, batch_size=1, eval_batch_size=1)
-    result = fit(job, train_cfg)
+    return job, names, sizes, loaded
+
+
+def train_config(cfg, **changes):
+    """The loop draws one pre-made batch at a time."""
+    return phase_config(cfg, batch_size=1, eval_batch_size=1, **changes)
+
+
+def run(cfg) -> dict:
+    job, names, sizes, loaded = multitask_job(cfg)
+    model = job.model
+    result = fit(job, train_config(cfg))
     model.set_active(["default"] + [f"head_{n}" for n in names])
     result["delta"] = save_final(model, cfg.output_dir)
     result["tasks"] = {n: {"train": len(tr), "eval": len(te), "labels": k} for n, (tr, te, _), k in
@@ -123,4 +146,12 @@ def run(cfg) -> dict:
     return result
 
 
-register_recipe("multitask", MultitaskOptions, run)
+def evaluate(cfg, delta_dir) -> dict:
+    """Per-task accuracy / macro-F1 (and their means) of a saved shared delta and its heads."""
+    job, *_ = multitask_job(cfg, delta_dir=delta_dir)
+    if not job.eval:
+        raise ConfigError("The tasks' data configs give no evaluation examples (set data.eval or test_fraction).")
+    return job.trainer(for_task(train_config(cfg, save=False), job.task)).evaluate()
+
+
+register_recipe("multitask", MultitaskOptions, run, evaluate)
