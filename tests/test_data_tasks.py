@@ -16,16 +16,6 @@ from deltatune.data.text import (IGNORE, Collator, MLMCollator, premask, tokeniz
 ROWS = [{"text": f"message number {i}", "label": "spam" if i % 3 == 0 else "ham"} for i in range(10)]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy shared CPU OpenMP threads
-    waiting for each other made these tests several times slower. Restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def bert_tok():
     return load_tokenizer("minilm")

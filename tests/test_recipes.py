@@ -27,16 +27,6 @@ SMALL = ["model.tiny=true", "train.max_steps=2", "train.batch_size=4", "train.ev
          "train.progress=false", "train.plot=false", "train.tensorboard=false", "task.max_new_tokens=3"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy shared CPU OpenMP threads
-    waiting for each other made these tests several times slower. Restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def shrink(node):
     """Every data section of a run config down to a handful of examples."""
     if isinstance(node, dict):
