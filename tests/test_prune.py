@@ -101,3 +101,80 @@ def test_frozen_weights_name_the_fix():
         Pruner(_full_bert(), method="random")
     with pytest.raises(ConfigError, match="block"):
         Pruner(_full_bert(), structure="blocks", block=(5, 5))
+
+
+class _Stop(Exception):
+    pass
+
+
+def _stop_at_3(trainer, step):
+    if step == 3:
+        raise _Stop
+
+
+class _Stateless:
+    """A Pruner whose state the Trainer cannot see (no state_dict)."""
+    def __init__(self, pruner):
+        self.pruner = pruner
+
+    def __call__(self, trainer, step):
+        self.pruner(trainer, step)
+
+
+def _prune_run(out, callbacks=(), stateless=False, **kw):
+    """Full fine-tuning of tiny BERT with movement pruning: 2 epochs of 4 steps, a checkpoint every 2."""
+    torch.manual_seed(0)
+    model = _full_bert()
+    pruner = Pruner(model, method="movement", final_sparsity=0.75, cooldown_steps=2)
+    g = torch.Generator().manual_seed(0)
+    data = [{"input_ids": torch.randint(3, VOCAB, (6,), generator=g).tolist(), "attention_mask": [1] * 6,
+             "labels": i % 2} for i in range(16)]
+    cfg = dt.train.TrainConfig(output_dir=str(out), epochs=2, batch_size=4, lr=1e-3, progress=False,
+                               tensorboard=False, plot=False, warmup_ratio=0.0, checkpoint_every=2, **kw)
+    cb = _Stateless(pruner) if stateless else pruner
+    dt.train.Trainer(model, cfg, data, collate_fn=dt.data.Collator(0), callbacks=[cb, *callbacks]).fit()
+    return model, pruner
+
+
+def test_interrupted_pruning_run_resumes_exactly(tmp_path):
+    """Stopped by an exception after step 3 (checkpoint at 2), resumed in a fresh model and Pruner:
+    movement scores, masks and weights end as in the uninterrupted run (the Trainer checkpoints
+    the Pruner's state_dict). Without that state the resumed run differs."""
+    ref_model, ref = _prune_run(tmp_path / "ref")
+    with pytest.raises(_Stop):
+        _prune_run(tmp_path / "run", [_stop_at_3])
+    model, resumed = _prune_run(tmp_path / "run", resume=True)
+    assert resumed.step == ref.step == 8 and resumed.report() == ref.report()
+    assert ref.report()["overall"] == pytest.approx(0.75)
+    for path in ref.layers:
+        assert torch.equal(resumed.scores[path], ref.scores[path]), path
+        assert torch.equal(resumed.masks[path], ref.masks[path]), path
+    state, ref_state = model.state_dict(), ref_model.state_dict()
+    assert state.keys() == ref_state.keys()
+    assert all(torch.equal(state[k], v) for k, v in ref_state.items())
+    # the same interruption, but the Trainer cannot checkpoint the Pruner: the movement scores of
+    # steps 1-2 are lost and the masks come out different
+    with pytest.raises(_Stop):
+        _prune_run(tmp_path / "lost", [_stop_at_3], stateless=True)
+    _, lost = _prune_run(tmp_path / "lost", stateless=True, resume=True)
+    assert any(not torch.equal(lost.masks[p], ref.masks[p]) for p in ref.layers)
+
+
+def test_pruner_state_is_json_and_round_trips():
+    import json
+    model = _full_bert()
+    pruner = Pruner(model, method="movement", final_sparsity=0.5, total_steps=4)
+    b = {"input_ids": torch.randint(3, VOCAB, (4, 6)), "attention_mask": torch.ones(4, 6, dtype=torch.long),
+         "labels": torch.tensor([0, 1, 0, 1])}
+    model.train()
+    model(**b).loss.backward()
+    pruner(step=2)
+    state = json.loads(json.dumps(pruner.state_dict()))
+    fresh = Pruner(_full_bert(), method="movement", final_sparsity=0.5)
+    fresh.load_state_dict(state)
+    assert (fresh.step, fresh.total_steps, fresh.sparsity) == (2, 4, pruner.sparsity)
+    for p in pruner.layers:
+        assert pruner.scores[p].abs().sum() > 0
+        assert torch.equal(fresh.scores[p], pruner.scores[p]) and torch.equal(fresh.masks[p], pruner.masks[p])
+    with pytest.raises(ConfigError, match="method"):
+        Pruner(_full_bert(), method="magnitude").load_state_dict(state)

@@ -24,8 +24,10 @@ at zero; a weight that a later mask revives restarts from zero. Movement scores 
 pruned weights stop changing (their W is 0)."""
 from __future__ import annotations
 
+import base64
 import re
 
+import numpy as np
 import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
@@ -78,8 +80,10 @@ class Pruner:
             if structure == "blocks" and any(n % b for n, b in zip(_oriented(w, self._conv[path]).shape, self.block)):
                 raise ConfigError(f"Weight {path!r} of shape {tuple(_oriented(w, self._conv[path]).shape)} is not "
                                   f"divisible into blocks of {self.block}; choose a block size that divides it.")
-        self.masks = {p: torch.ones_like(w, dtype=torch.bool) for p, w in self.layers.items()}
-        self.scores = {p: torch.zeros_like(w, dtype=torch.float32) for p, w in self.layers.items()} \
+        # created on the CPU; each follows its weight's device when used (the Trainer may move the
+        # model to an accelerator after the Pruner is built)
+        self.masks = {p: torch.ones(w.shape, dtype=torch.bool) for p, w in self.layers.items()}
+        self.scores = {p: torch.zeros(w.shape, dtype=torch.float32) for p, w in self.layers.items()} \
             if method == "movement" else {}
         self._hooks = [w.register_hook(self._accumulate(p)) for p, w in self.layers.items()] \
             if method == "movement" else []
@@ -116,7 +120,7 @@ class Pruner:
     def _accumulate(self, path):
         def hook(grad):
             with torch.no_grad():
-                self.scores[path].sub_(grad.float() * self.layers[path].detach().float())
+                _follow(self.scores, path, grad).sub_(grad.float() * self.layers[path].detach().float())
         return hook
 
     # -- the callback ---------------------------------------------------------------------
@@ -140,7 +144,8 @@ class Pruner:
 
     def _mask(self, path, w, sparsity):
         conv = self._conv[path]
-        score = _oriented(self.scores[path] if self.method == "movement" else w.detach().abs().float(), conv)
+        score = _oriented(_follow(self.scores, path, w) if self.method == "movement" else w.detach().abs().float(),
+                          conv)
         units = self._unit_scores(score)
         n_prune = int(round(sparsity * units.numel()))
         keep = torch.ones(units.numel(), dtype=torch.bool, device=units.device)
@@ -171,11 +176,70 @@ class Pruner:
         zeros = sum(per[p] * w.numel() for p, w in self.layers.items())
         return {"target": self.sparsity, "overall": zeros / total, "per_layer": per}
 
+    # -- checkpoints -----------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """The Pruner's state as JSON-ready values (the Trainer writes it into its checkpoints, so a
+        resumed run continues exactly): step, schedule length, current sparsity, and per layer the
+        mask (packed bits) and, for movement pruning, the accumulated scores (float32 bytes), both
+        base64-encoded. Movement scores take 4/3 * 4 bytes per pruned weight in the checkpoint."""
+        layers = {}
+        for path, w in self.layers.items():
+            entry = {"shape": list(w.shape), "mask": _encode_bits(self.masks[path])}
+            if self.method == "movement":
+                entry["scores"] = _encode_floats(self.scores[path])
+            layers[path] = entry
+        return {"format": 1, "method": self.method, "structure": self.structure, "step": self.step,
+                "total_steps": self.total_steps, "sparsity": self.sparsity, "layers": layers}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore `state_dict()`'s output (the pruned weights themselves are restored with the model)."""
+        if state.get("method") != self.method or set(state.get("layers", {})) != set(self.layers):
+            raise ConfigError(f"This Pruner state (method {state.get('method')!r}, {len(state.get('layers', {}))} "
+                              f"layers) does not fit this Pruner (method {self.method!r}, {len(self.layers)} layers): "
+                              "resume with the Pruner options and model the run was started with.")
+        for path, w in self.layers.items():
+            entry = state["layers"][path]
+            if tuple(entry["shape"]) != tuple(w.shape):
+                raise ConfigError(f"Pruner state for {path!r} has shape {tuple(entry['shape'])}, the weight "
+                                  f"{tuple(w.shape)}: resume with the model the run was started with.")
+            self.masks[path] = _decode_bits(entry["mask"], w.shape)
+            if self.method == "movement":
+                self.scores[path] = _decode_floats(entry["scores"], w.shape)
+        self.step, self.sparsity = int(state["step"]), float(state["sparsity"])
+        if self.total_steps is None:  # one given to this Pruner wins
+            self.total_steps = state["total_steps"]
+
     def remove(self) -> None:
         """Stop accumulating movement scores (remove the gradient hooks)."""
         for h in self._hooks:
             h.remove()
         self._hooks = []
+
+
+def _follow(store, path, like):
+    """store[path], moved (once) to the device of `like`."""
+    t = store[path]
+    if t.device != like.device:
+        t = store[path] = t.to(like.device)
+    return t
+
+
+def _encode_floats(t):
+    return base64.b64encode(t.detach().float().cpu().contiguous().numpy().astype("<f4").tobytes()).decode("ascii")
+
+
+def _decode_floats(text, shape):
+    return torch.from_numpy(np.frombuffer(base64.b64decode(text), dtype="<f4").astype(np.float32)).view(*shape)
+
+
+def _encode_bits(mask):
+    return base64.b64encode(np.packbits(mask.detach().cpu().numpy().reshape(-1)).tobytes()).decode("ascii")
+
+
+def _decode_bits(text, shape):
+    n = int(np.prod(shape))
+    bits = np.unpackbits(np.frombuffer(base64.b64decode(text), dtype=np.uint8), count=n)
+    return torch.from_numpy(bits.astype(bool)).view(*shape)
 
 
 def _oriented(t, conv):
