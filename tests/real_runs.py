@@ -1,7 +1,7 @@
 """Real-data runs of the sparse and low-dimensional deltas (all-MiniLM-L6-v2 + SMS spam), shared by
 the slow tests and the measured figures in docs/diff_pruning.md and docs/intrinsic.md:
 
-    .venv/bin/python tests/real_runs.py diff_pruning [gate_scale=200 ...]
+    .venv/bin/python tests/real_runs.py diff_pruning [gate_scale=1 alpha_init=5 ...]   (config overrides)
     .venv/bin/python tests/real_runs.py intrinsic
     .venv/bin/python tests/real_runs.py pruning movement 0.6      (docs/pruning.md)
     .venv/bin/python tests/real_runs.py surgery remove 2          (docs/surgery.md)
@@ -49,7 +49,8 @@ def run_diff_pruning(out, density=0.005, detail=False, **config):
     relaxed = dt.train.Trainer(delta, _config(out, epochs=1, lr=5e-4), train_f, collate_fn=collate,
                                loss_fn=dp.with_l0_penalty())
     r1 = relaxed.fit()
-    extra = {"expected_density_before_projection": dp.expected_density(delta)}
+    extra = {"expected_density_before_projection": dp.expected_density(delta),
+             "open_gates_before_projection": _open_gates(delta)}
     if detail:
         extra["accuracy_relaxed"] = relaxed.evaluate(test_f)["accuracy"]
     report = dp.project(delta)
@@ -64,6 +65,14 @@ def run_diff_pruning(out, density=0.005, detail=False, **config):
             "targeted_weights": report["total"], "file_bytes": _size(Path(out) / "sparse"),
             "head_bytes": head, "dense_bytes": 4 * report["total"],
             "train_seconds": r1["train_seconds"] + r2["train_seconds"], "total_seconds": time.time() - started}
+
+
+def _open_gates(delta):
+    """Share of diff entries whose deterministic gate is > 0 (the entries projection can keep)."""
+    pieces = [p for p in delta.pieces_of("default").values() if isinstance(p, dp.DiffLinear)]
+    with torch.no_grad():
+        return sum(int((p.deterministic_gate() > 0).sum()) * (p.shape[1] if p.structured else 1)
+                   for p in pieces) / sum(p.numel for p in pieces)
 
 
 def run_intrinsic(out, dim=5000, epochs=1, lr=5e-2):

@@ -29,9 +29,10 @@ def test_hard_concrete_expected_l0_matches_formula():
     cfg = dt.DiffPruningConfig(temperature=2 / 3, stretch=[-0.1, 1.1])
     piece = dp.DiffLinear(torch.nn.Linear(50, 40), cfg)
     with torch.no_grad():
-        piece.gate.copy_(torch.linspace(-4, 4, 2000).view(40, 50))
+        piece.gate.copy_(torch.linspace(-4, 4, 2000).view(40, 50) / piece.gate_scale)
     l, r, beta = -0.1, 1.1, 2 / 3
-    log_alpha = piece.gate.detach()
+    log_alpha = piece.log_alpha().detach()
+    torch.testing.assert_close(log_alpha, torch.linspace(-4, 4, 2000).view(40, 50))
     formula = torch.sigmoid(log_alpha - beta * math.log(-l / r))  # Louizos et al. eq. 12
     torch.testing.assert_close(piece.expected_l0(), formula.sum())
     piece.train()
@@ -59,6 +60,31 @@ def test_penalty_pushes_gates_toward_target_and_reaches_the_loss():
     b["labels"] = b["input_ids"]
     loss_fn = dp.with_l0_penalty()
     torch.testing.assert_close(loss_fn(model, b), model(**b).loss + dp.l0_penalty(model))
+
+
+def _relaxed_run(tmp_path, steps, **config):
+    """`steps` optimizer steps of task loss + L0 penalty on tiny BERT, the Trainer's default lr (5e-4)."""
+    from tiny import VOCAB
+    model = dt.attach(bert(), dt.DiffPruningConfig(density=0.05, **config))
+    g = torch.Generator().manual_seed(0)
+    data = [{"input_ids": ids, "attention_mask": [1] * 8, "labels": int(ids[0] < VOCAB // 2)}
+            for ids in torch.randint(3, VOCAB, (64, 8), generator=g).tolist()]
+    cfg = dt.train.TrainConfig(output_dir=str(tmp_path), max_steps=steps, batch_size=8, progress=False,
+                               save=False, tensorboard=False, plot=False)
+    before = dp.expected_density(model)
+    dt.train.Trainer(model, cfg, data, collate_fn=dt.data.Collator(0), loss_fn=dp.with_l0_penalty()).fit()
+    return before, dp.expected_density(model)
+
+
+def test_short_penalised_run_drives_expected_density_toward_the_target(tmp_path):
+    """With the defaults (gate_scale 500, alpha_init 3) 30 steps at lr 5e-4 take the expected density
+    from 0.95 most of the way to the 5 % target; the old defaults (gate_scale 1, alpha_init 5) left it
+    at 0.993 (Adam moves log_alpha by about gate_scale * lr per step)."""
+    before, after = _relaxed_run(tmp_path, 30)
+    assert before == pytest.approx(torch.sigmoid(torch.tensor(3.0)).item(), abs=1e-4)
+    assert after < 0.35, after  # 0.95 -> about 0.28 (target 0.05)
+    old_before, old_after = _relaxed_run(tmp_path, 30, gate_scale=1.0, alpha_init=5.0)
+    assert old_before - old_after < 0.001, (old_before, old_after)
 
 
 def test_projection_keeps_exactly_the_target_count_by_magnitude():
@@ -166,3 +192,34 @@ def test_diff_pruning_half_percent_learns_sms_spam(tmp_path):
     assert r["density"] == pytest.approx(0.005, abs=1e-6)
     assert r["accuracy"] >= 0.95, r
     assert r["file_bytes"] < 0.012 * r["dense_bytes"], r
+
+
+def test_projection_in_train_mode_equals_eval_mode_and_stores_no_zeros():
+    """Projection uses the deterministic gate whatever the mode (Trainer.fit() leaves the model in
+    training mode when there is no eval data): same kept set and values as in eval mode, none 0."""
+    import copy
+    model = dt.attach(llama(), dt.DiffPruningConfig(density=0.05))
+    _train_like(model)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # gates spread over closed (z = 0), partly open and open (z = 1)
+        for p in _pieces(model):
+            p.gate.copy_(torch.empty(p.gate.shape).uniform_(-1.0, 4.0, generator=g) / p.gate_scale)
+    pieces = _pieces(model)
+    fixed = torch.cat([p.fixed_delta().detach().view(-1) for p in pieces])
+    z = torch.cat([p.deterministic_gate().detach().view(-1) for p in pieces])
+    assert (z == 0).any() and ((z > 0) & (z < 1)).any() and (z == 1).any()
+    assert int((fixed != 0).sum()) > round(0.05 * len(fixed))  # enough non-zero entries for the budget
+    trained, evaluated = copy.deepcopy(model).train(), copy.deepcopy(model).eval()
+    torch.manual_seed(123)
+    r_train = dp.project(trained)
+    torch.manual_seed(456)  # another RNG state: projection must not sample
+    r_eval = dp.project(evaluated)
+    assert r_train == r_eval and r_train["kept"] == round(0.05 * len(fixed))
+    for p, q in zip(_pieces(trained), _pieces(evaluated)):
+        assert torch.equal(p.indices, q.indices) and torch.equal(p.values, q.values)
+        assert (p.values != 0).all()  # every kept entry holds its non-zero z * w
+    stored = torch.cat([p.delta().detach().view(-1) for p in _pieces(trained)])
+    kept = stored != 0
+    assert int(kept.sum()) == r_train["kept"]
+    torch.testing.assert_close(stored[kept], fixed[kept], rtol=0, atol=0)  # exactly z * w, deterministic z
+    assert fixed.abs()[kept].min() >= fixed.abs()[~kept].max()

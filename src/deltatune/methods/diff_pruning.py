@@ -5,11 +5,12 @@ at the base model) and a hard-concrete gate `z` per entry (or per output row,
 `structured=True`), a relaxed L0 mask (Louizos et al. 2018):
 
     u ~ U(0, 1),  s = sigmoid((log u - log(1 - u) + log_alpha) / beta)
-    z = clamp(s * (r - l) + l, 0, 1),  E[z != 0] = sigmoid(log_alpha - beta * log(-l / r))
+    z = clamp(s * (r - l) + l, 0, 1),  P(z != 0) = sigmoid(log_alpha - beta * log(-l / r))
+    deterministic (test-time) gate: z = clamp(sigmoid(log_alpha) * (r - l) + l, 0, 1)
 
 `l0_penalty` pushes the expected density down to `density`; `project` then keeps
-exactly the `density` share of entries with the largest |z * w| (ranked over the
-whole delta), and the delta can be fine-tuned briefly with the mask fixed. A
+exactly the `density` share of entries with the largest |z * w| (deterministic z,
+ranked over the whole delta), and the delta can be fine-tuned briefly with the mask fixed. A
 projected piece holds only indices + values, and is saved that way: at 0.5 %
 density the file is about 1 % of the dense delta's size.
 
@@ -17,10 +18,19 @@ density the file is about 1 % of the dense delta's size.
     Trainer(model, cfg, data, loss_fn=with_l0_penalty()).fit()   # 1. relaxed L0
     project(model)                                               # 2. exact sparsity
     Trainer(model, cfg2, data).fit()                             # 3. optional, mask fixed
+
+Gate speed. Adam moves a parameter by about lr per step whatever the size of its gradient
+(as long as it is well above eps), and the penalty's gradient on one gate is only
+l0_weight / N * sigmoid'(log_alpha). With log_alpha = gate_scale * parameter a step moves
+log_alpha by about gate_scale * lr: the default 500 gives 0.25 per step at lr 5e-4 (Guo et al.
+train the gates with their own Adam at lr 0.1, over tens of thousands of steps), so one epoch
+of a small data set already separates the gates; with gate_scale = 1 a run of a few hundred
+steps moves no gate noticeably and projection is plain magnitude pruning.
 """
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -45,10 +55,13 @@ class DiffPruningConfig(DeltaConfig):
     structured: bool = field(default=False, metadata={
         "help": "one gate per output row instead of per entry; projection keeps whole rows"})
     l0_weight: float = field(default=1.0, metadata={
-        "help": "penalty weight: l0_weight * max(0, expected density - density), added by l0_penalty"})
-    alpha_init: float = field(default=5.0, metadata={"help": "initial log_alpha: gates start open (z = 1)"})
-    gate_scale: float = field(default=1.0, metadata={
-        "help": "log_alpha = gate_scale * parameter, i.e. the gates' learning rate relative to the diff's"})
+        "help": "penalty weight: l0_weight * max(0, expected density - density), added by l0_penalty; per entry "
+                "that is l0_weight / N (N targeted entries), so raise it with the model's size"})
+    alpha_init: float = field(default=3.0, metadata={
+        "help": "initial log_alpha: gates start open (deterministic z = 1, P(z != 0) = 0.95)"})
+    gate_scale: float = field(default=500.0, metadata={
+        "help": "log_alpha = gate_scale * parameter: under Adam a step moves log_alpha by about gate_scale * lr "
+                "(0.25 at lr 5e-4), the diff by about lr"})
     temperature: float = field(default=1.0, metadata={"help": "hard-concrete temperature beta"})
     stretch: list[float] = field(default_factory=lambda: [-1.5, 1.5], metadata={
         "help": "hard-concrete stretch interval (l, r), l < 0 < 1 < r"})
@@ -106,12 +119,17 @@ class DiffLinear(DeltaPiece):
 
     def sample_gate(self):
         """z: a hard-concrete sample while training, its deterministic value otherwise."""
+        if not self.training:
+            return self.deterministic_gate()
         log_alpha = self.log_alpha()
-        if self.training:
-            u = torch.rand_like(log_alpha).clamp(1e-6, 1 - 1e-6)
-            s = torch.sigmoid((torch.log(u) - torch.log1p(-u) + log_alpha) / self.beta)
-        else:
-            s = torch.sigmoid(log_alpha)
+        u = torch.rand_like(log_alpha).clamp(1e-6, 1 - 1e-6)
+        s = torch.sigmoid((torch.log(u) - torch.log1p(-u) + log_alpha) / self.beta)
+        return (s * (self.hi - self.lo) + self.lo).clamp(0.0, 1.0)
+
+    def deterministic_gate(self):
+        """The gate's test-time value (Louizos et al. 2018, eq. 13), whatever the mode:
+        z = clamp(sigmoid(log_alpha) * (r - l) + l, 0, 1). Exactly 0 when sigmoid(log_alpha) <= -l / (r - l)."""
+        s = torch.sigmoid(self.log_alpha())
         return (s * (self.hi - self.lo) + self.lo).clamp(0.0, 1.0)
 
     def expected_l0(self) -> torch.Tensor:
@@ -123,9 +141,16 @@ class DiffLinear(DeltaPiece):
 
     # -- the delta ---------------------------------------------------------------
     def delta(self) -> torch.Tensor:
-        """The dense (out, in) weight delta."""
+        """The dense (out, in) weight delta of the forward pass (a sampled gate while training)."""
         if not self.projected:
             return self.sample_gate() * self.diff
+        return self.fixed_delta()
+
+    def fixed_delta(self) -> torch.Tensor:
+        """The dense delta with the deterministic gate, whatever the mode: what projection ranks and
+        keeps, merging adds and files hold."""
+        if not self.projected:
+            return self.deterministic_gate() * self.diff
         dense = torch.zeros(self.shape, dtype=self.values.dtype, device=self.values.device)
         if self.structured:
             return dense.index_put((self.indices.long(),), self.values)
@@ -136,22 +161,24 @@ class DiffLinear(DeltaPiece):
         return out + F.linear(x.to(d.dtype), d).to(out.dtype)
 
     def merge_deltas(self, base_layer):
-        d = self.delta().detach()
+        d = self.fixed_delta().detach()
         return {"weight": d.T if self.fan_in_fan_out else d}
 
     # -- projection ----------------------------------------------------------------
-    def scores(self) -> torch.Tensor:
-        """What projection ranks: |z * w| per entry, or a row's RMS (per-entry magnitude, so
-        rows of different lengths compete fairly) when structured."""
+    def scores(self, delta: torch.Tensor | None = None) -> torch.Tensor:
+        """What projection ranks: |z * w| per entry with the deterministic gate z, or a row's RMS
+        (per-entry magnitude, so rows of different lengths compete fairly) when structured."""
         with torch.no_grad():
-            mag = self.delta().abs().float()
+            mag = (self.fixed_delta() if delta is None else delta).detach().abs().float()
             return mag.pow(2).mean(dim=1).sqrt() if self.structured else mag.view(-1)
 
-    def keep(self, idx: torch.Tensor) -> None:
-        """Fix the mask to `idx` (entry or row indices) and keep only their current values."""
+    def keep(self, idx: torch.Tensor, delta: torch.Tensor | None = None) -> None:
+        """Fix the mask to `idx` (entry or row indices) and keep only their values in `delta`
+        (default: the current deterministic delta, `fixed_delta()`)."""
         with torch.no_grad():
-            d = self.delta().detach()
-            vals = d[idx] if self.structured else d.view(-1)[idx]
+            d = (self.fixed_delta() if delta is None else delta).detach()
+            idx = idx.to(d.device)
+            vals = d[idx] if self.structured else d.reshape(-1)[idx]
         trainable = any(p.requires_grad for p in self.parameters())
         self.diff, self.gate = None, None
         self.indices = _index_tensor(idx, self.numel)
@@ -161,7 +188,7 @@ class DiffLinear(DeltaPiece):
     def file_state(self):
         if self.projected:
             return {"indices": self.indices, "values": self.values.detach()}
-        d = self.delta().detach()
+        d = self.fixed_delta().detach()
         if self.structured:
             idx = d.abs().sum(dim=1).nonzero().view(-1)
             return {"indices": _index_tensor(idx, self.numel), "values": d[idx]}
@@ -246,7 +273,12 @@ def with_l0_penalty(loss_fn=None, names=None):
 def project(model, name: str = "default", density: float | None = None) -> dict:
     """Keep exactly round(density * N) entries (or whole rows, structured) with the largest
     |z * w| over the whole delta, fix that mask and drop the dense tensors. Build a new
-    Trainer afterwards to fine-tune the kept values. Returns the achieved density per module."""
+    Trainer afterwards to fine-tune the kept values. Returns the achieved density per module.
+
+    z is the gate's deterministic value, in training mode too (no sampling): the ranking and the
+    stored values come from one computation of z * w, so the result does not depend on the RNG or
+    the mode, and an entry whose z * w is exactly 0 (a closed gate) is never kept. Fewer than
+    round(density * N) entries are kept (with a warning) only when fewer are non-zero."""
     ((_, pieces),) = _diff_deltas(model, [name])
     cfg = model.configs[name]
     density = cfg.density if density is None else float(density)
@@ -254,22 +286,31 @@ def project(model, name: str = "default", density: float | None = None) -> dict:
         raise ConfigError(f"project: density must be in (0, 1], got {density}.")
     paths = {id(p): path for path, p in model.pieces_of(name).items()}
     total = sum(p.numel for p in pieces)
-    scores = [p.scores() for p in pieces]
-    flat = torch.cat(scores)
-    if cfg.structured:
-        chosen = _rows_within_budget(flat, torch.cat([torch.full_like(s, p.shape[1]) for s, p in zip(scores, pieces)]),
-                                     budget=round(density * total))
-    else:
-        k = min(round(density * total), int((flat > 0).sum()))  # never keep entries that are exactly zero
-        chosen = torch.zeros(len(flat), dtype=torch.bool)
-        chosen[torch.topk(flat, k, sorted=False).indices] = True
+    budget = round(density * total)
+    with torch.no_grad():
+        deltas = [p.fixed_delta().detach() for p in pieces]  # computed once: ranked and stored
+        scores = [p.scores(d) for p, d in zip(pieces, deltas)]
+        device = scores[0].device  # rank on one device (pieces may sit on several)
+        flat = torch.cat([s.to(device) for s in scores])
+        if cfg.structured:
+            sizes = torch.cat([torch.full_like(s, p.shape[1], device=device) for s, p in zip(scores, pieces)])
+            chosen = _rows_within_budget(flat, sizes, budget=budget)
+        else:
+            nonzero = int((flat > 0).sum())
+            k = min(budget, nonzero)  # never keep entries that are exactly zero
+            chosen = torch.zeros(len(flat), dtype=torch.bool, device=device)
+            chosen[torch.topk(flat, k, sorted=False).indices] = True
     report, start = {}, 0
-    for p, s in zip(pieces, scores):
+    for p, s, d in zip(pieces, scores, deltas):
         mine = chosen[start:start + len(s)].nonzero().view(-1)
         start += len(s)
-        p.keep(mine.to(p.diff.device))
+        p.keep(mine, d)
         report[paths[id(p)]] = p.values.numel() / p.numel
     kept = sum(p.values.numel() for p in pieces)
+    if not cfg.structured and kept < budget:
+        warnings.warn(f"project kept {kept} entries instead of {budget}: only {nonzero} have a non-zero z * w "
+                      "(the others have a closed gate, or a diff still at 0). Use a smaller l0_weight or a shorter "
+                      "relaxed phase, or project to a lower density.")
     return {"density": kept / total, "kept": kept, "total": total, "per_module": report}
 
 
@@ -278,7 +319,7 @@ def _rows_within_budget(scores, sizes, budget):
     order = torch.argsort(scores, descending=True, stable=True)
     fits = torch.cumsum(sizes[order], 0) <= budget
     fits &= scores[order] > 0
-    chosen = torch.zeros(len(scores), dtype=torch.bool)
+    chosen = torch.zeros(len(scores), dtype=torch.bool, device=scores.device)
     chosen[order[fits]] = True
     return chosen
 
