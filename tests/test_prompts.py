@@ -4,6 +4,7 @@ References: peft (same vectors in -> same logits, losses, generations and files)
 decoding recomputed from full forwards without a cache, and the un-checkpointed model
 for gradient checkpointing."""
 import json
+import shutil
 import warnings
 
 import pytest
@@ -257,8 +258,9 @@ def test_p_tuning_encoder_matches_peft(encoder):
     assert_same_outputs(ours, theirs, with_labels("llama", batch("llama")), 4, prepends=True)
 
 
-@pytest.mark.parametrize("method,arch", [("prompt_tuning", "llama"), ("prompt_tuning", "bert"),
-                                         ("prompt_tuning", "t5"), ("prefix", "gpt2"), ("prefix", "bert"),
+@pytest.mark.parametrize("method,arch", [("prompt_tuning", "llama"), ("prompt_tuning", "gpt2"),
+                                         ("prompt_tuning", "bert"), ("prompt_tuning", "t5"),
+                                         ("prefix", "llama"), ("prefix", "gpt2"), ("prefix", "bert"),
                                          ("p_tuning_v2", "llama_cls"), ("p_tuning", "gpt2")])
 def test_our_file_loads_in_peft_and_theirs_in_ours(method, arch, tmp_path):
     from peft import PeftModel
@@ -269,7 +271,7 @@ def test_our_file_loads_in_peft_and_theirs_in_ours(method, arch, tmp_path):
     assert cfg["task_type"] == TASK[arch] and cfg["inference_mode"] is True
     theirs = PeftModel.from_pretrained(BUILDERS[arch](), tmp_path / "ours").eval()
     n = 4 if method != "p_tuning" else 3
-    assert_same_outputs(ours, theirs, b, n, prepends=method in ("prompt_tuning", "p_tuning"))
+    assert_same_outputs(ours, theirs, with_labels(arch, b), n, prepends=method in ("prompt_tuning", "p_tuning"))
     theirs.save_pretrained(tmp_path / "theirs")  # PEFT's own file, without our "deltatune" entry
     cfg = json.loads((tmp_path / "theirs" / "adapter_config.json").read_text())
     cfg.pop("deltatune", None)
@@ -431,6 +433,64 @@ def test_parameter_counts():
         assert s["trainable"] == n and s["total"] == base + n, type(cfg).__name__
     t5_prefix = dt.attach(t5(), dt.PrefixConfig(num_virtual_tokens=5, reparam=False))
     assert t5_prefix.trainable_summary()["trainable"] == 3 * 5 * 2 * 2 * 32  # encoder, decoder, cross sites
+
+
+# -- text / label-word initialisation (Lester et al.) -----------------------------
+INIT_VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "classify", "the", "message", "ham", "sp", "##am"]
+
+
+def word_tokenizer(tmp_path):
+    """A real WordPiece tokenizer over a vocabulary inside the tiny models' 128 ids: 'spam' -> sp ##am."""
+    from transformers import BertTokenizer
+    (tmp_path / "vocab.txt").write_text("\n".join(INIT_VOCAB) + "\n")
+    tok = BertTokenizer(str(tmp_path / "vocab.txt"))
+    assert tok("classify the message", add_special_tokens=False)["input_ids"] == [5, 6, 7]
+    assert tok("spam", add_special_tokens=False)["input_ids"] == [9, 10]
+    return tok
+
+
+def start_prompt(arch, cfg):
+    model = BUILDERS[arch]()
+    emb = model.get_input_embeddings().weight.detach().clone()
+    return dt.attach(model, cfg).model_pieces["default"].prompt_embeddings.detach(), emb
+
+
+@pytest.mark.parametrize("arch", ["llama", "bert"])
+@pytest.mark.parametrize("n", [7, 2])
+def test_text_init_is_the_texts_token_embeddings_cycled(arch, n, tmp_path):
+    cfg = dt.PromptTuningConfig(num_virtual_tokens=n, init="text", init_text="classify the message",
+                                tokenizer=word_tokenizer(tmp_path))
+    assert cfg.init_token_ids == [[5], [6], [7]]
+    prompt, emb = start_prompt(arch, cfg)
+    torch.testing.assert_close(prompt, emb[[5, 6, 7, 5, 6, 7, 5][:n]])  # cycled to 7, cut to 2
+
+
+@pytest.mark.parametrize("arch", ["llama", "bert"])
+def test_labels_init_is_each_words_mean_subtoken_embedding_cycled(arch, tmp_path):
+    cfg = dt.PromptTuningConfig(num_virtual_tokens=5, init="labels", label_words=["ham", "spam"],
+                                tokenizer=word_tokenizer(tmp_path))
+    assert cfg.init_token_ids == [[8], [9, 10]]
+    prompt, emb = start_prompt(arch, cfg)
+    ham, spam = emb[8], (emb[9] + emb[10]) / 2
+    torch.testing.assert_close(prompt, torch.stack([ham, spam, ham, spam, ham]))
+
+
+def test_init_from_a_tokenizer_path_or_from_ids_alone(tmp_path):
+    word_tokenizer(tmp_path).save_pretrained(tmp_path / "tok")
+    by_path = dt.PromptTuningConfig(num_virtual_tokens=3, init="labels", label_words=["ham", "spam"],
+                                    tokenizer=str(tmp_path / "tok"))
+    assert by_path.init_token_ids == [[8], [9, 10]] and by_path.tokenizer == str(tmp_path / "tok")
+    by_ids = dt.PromptTuningConfig(num_virtual_tokens=3, init="labels", init_token_ids=[[8], [9, 10]])
+    torch.testing.assert_close(start_prompt("llama", by_path)[0], start_prompt("llama", by_ids)[0])
+    model = dt.attach(llama(), by_path)
+    model.save_pretrained(tmp_path / "delta")
+    shutil.rmtree(tmp_path / "tok")  # the file stores the resolved ids: loading never needs the tokenizer
+    back = dt.DeltaModel.from_pretrained(llama(), tmp_path / "delta")
+    torch.testing.assert_close(back.model_pieces["default"].prompt_embeddings,
+                               model.model_pieces["default"].prompt_embeddings)
+    for init, kw in (("text", {"init_text": "classify"}), ("labels", {"label_words": ["ham"]})):
+        with pytest.raises(dt.ConfigError, match="tokenizer"):
+            dt.PromptTuningConfig(init=init, **kw)
 
 
 @pytest.mark.parametrize("method", ["prefix", "p_tuning"])
