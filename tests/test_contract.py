@@ -4,7 +4,7 @@ import torch
 
 import deltatune as dt
 from contract_cases import CASES
-from tiny import BUILDERS, batch, logits
+from tiny import BUILDERS, ENCODER_DECODER, batch, logits
 
 GRID = [(m, a) for m, case in CASES.items() for a in case.get("archs", BUILDERS)]
 
@@ -77,7 +77,7 @@ def test_contract(method, arch, tmp_path):
 
 
 @pytest.mark.parametrize("method", list(CASES))
-@pytest.mark.parametrize("arch", ["llama", "gpt2", "t5"])
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "t5", "bart"])
 def test_generate(method, arch):
     if arch not in CASES[method].get("archs", BUILDERS):
         pytest.skip("method does not apply to this architecture")
@@ -94,10 +94,12 @@ def test_generate(method, arch):
 
 
 def _greedy(model, ids, n, arch):
-    seq = torch.zeros_like(ids[:, :1]) if arch == "t5" else ids  # T5 starts at decoder_start_token_id = 0
+    enc_dec = arch in ENCODER_DECODER
+    start = model.config.decoder_start_token_id if enc_dec else None
+    seq = torch.full_like(ids[:, :1], start) if enc_dec else ids
     with torch.no_grad():
         for _ in range(n):
-            kw = dict(input_ids=ids, decoder_input_ids=seq) if arch == "t5" else dict(input_ids=seq)
+            kw = dict(input_ids=ids, decoder_input_ids=seq) if enc_dec else dict(input_ids=seq)
             seq = torch.cat([seq, model(**kw).logits[:, -1:].argmax(-1)], dim=1)
     return seq
 

@@ -13,7 +13,8 @@ from torch import nn
 from transformers import BertConfig, BertForTokenClassification
 
 import deltatune as dt
-from tiny import BUILDERS, VOCAB, batch, bert, llama, logits, t5
+import peft_ref
+from tiny import BUILDERS, ENCODER_DECODER, VOCAB, batch, bert, llama, logits, t5
 
 warnings.filterwarnings("ignore", message=".*will not detect padding tokens.*")
 
@@ -63,18 +64,20 @@ def positions(mask):
     return (mask.cumsum(-1) - 1).clamp(min=0)
 
 
-def greedy_by_forward(model, b, steps, arch):
-    """Greedy decoding where every step is a full forward over everything so far (no cache)."""
+def greedy_by_forward(model, b, steps, arch, position_ids=True):
+    """Greedy decoding where every step is a full forward over everything so far (no cache).
+    position_ids: pass positions counted from each row's first real token."""
     ids, mask = b["input_ids"], b["attention_mask"]
-    if arch == "t5":
-        seq = torch.zeros_like(ids[:, :1])
+    if arch in ENCODER_DECODER:
+        seq = torch.full_like(ids[:, :1], model.config.decoder_start_token_id)
         for _ in range(steps):
             out = model(input_ids=ids, attention_mask=mask, decoder_input_ids=seq)
             seq = torch.cat([seq, out.logits[:, -1:].argmax(-1)], dim=1)
         return seq, None
     seq, scores = ids, []
     for _ in range(steps):
-        out = model(input_ids=seq, attention_mask=mask, position_ids=positions(mask))
+        pos = {"position_ids": positions(mask)} if position_ids else {}
+        out = model(input_ids=seq, attention_mask=mask, **pos)
         scores.append(out.logits[:, -1])
         seq = torch.cat([seq, out.logits[:, -1:].argmax(-1)], dim=1)
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
@@ -82,7 +85,7 @@ def greedy_by_forward(model, b, steps, arch):
 
 
 @pytest.mark.parametrize("method", list(CONFIGS))
-@pytest.mark.parametrize("arch", ["llama", "gpt2", "t5"])
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "t5", "bart"])
 def test_cached_generation_equals_recomputation(method, arch):
     model = attached(arch, method)
     b = inputs(arch, method, n=3)
@@ -91,7 +94,7 @@ def test_cached_generation_equals_recomputation(method, arch):
                              return_dict_in_generate=True)
         ref, ref_scores = greedy_by_forward(model, b, 5, arch)
     seqs = out.sequences
-    if arch != "t5":
+    if arch not in ENCODER_DECODER:
         assert seqs.shape[1] == b["input_ids"].shape[1] + 5, "generate returns the input ids plus new tokens"
         seqs = torch.where(seqs == MARK, 0, seqs)
         ref = torch.where(ref == MARK, 0, ref)
@@ -128,7 +131,7 @@ def test_sampling_uses_the_same_distribution_as_forward(method):
     assert torch.equal(out, torch.where(seq == MARK, 0, seq))  # generate shows [P] markers as the pad id
 
 
-@pytest.mark.parametrize("arch", ["llama", "t5"])
+@pytest.mark.parametrize("arch", ["llama", "t5", "bart"])
 def test_beam_search_with_prefix_runs_on_every_beam(arch):
     model = attached(arch, "prefix")
     b = inputs(arch, "prefix", n=2)
@@ -159,7 +162,8 @@ def test_continuing_from_a_returned_cache_equals_one_pass():
 # -- parity with peft -----------------------------------------------------------
 def peft_model(arch, cfg):
     from peft import get_peft_model
-    return get_peft_model(BUILDERS[arch](), cfg).eval()
+    with peft_ref.peft_side(f"peft {cfg.peft_type} on {arch}"):
+        return get_peft_model(BUILDERS[arch](), cfg).eval()
 
 
 TASK = {"llama": "CAUSAL_LM", "gpt2": "CAUSAL_LM", "bert": "SEQ_CLS", "llama_cls": "SEQ_CLS", "t5": "SEQ_2_SEQ_LM"}
@@ -169,7 +173,7 @@ def with_labels(arch, b):
     b = dict(b)
     if arch in ("bert", "llama_cls"):
         b["labels"] = torch.tensor([1, 0])
-    elif arch == "t5":
+    elif arch in ENCODER_DECODER:
         b["labels"] = b.pop("decoder_input_ids", None)
         if b["labels"] is None:
             b["labels"] = torch.randint(3, VOCAB, (b["input_ids"].shape[0], 4), generator=torch.Generator().manual_seed(2))
@@ -187,7 +191,7 @@ def copy_head(ours, theirs, arch):
 
 def assert_same_outputs(ours, theirs, b, n_virtual, prepends):
     with torch.no_grad():
-        a, p = ours(**b), theirs(**b)
+        a, p = ours(**b), peft_ref.forward(theirs, b)
     their_logits = p.logits[:, n_virtual:] if prepends and a.logits.dim() == 3 and "decoder_input_ids" not in b \
         and p.logits.shape[1] != a.logits.shape[1] else p.logits
     torch.testing.assert_close(a.logits, their_logits, atol=1e-5, rtol=1e-4)
@@ -211,8 +215,14 @@ def test_prompt_tuning_matches_peft(arch):
         # (absolute positions) differs there; ours equals the row generated alone (test above)
         ids = batch(arch)["input_ids"]
         kw = dict(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False)
+        b = {"input_ids": ids, "attention_mask": kw["attention_mask"]}
+        if arch == "t5":
+            recompute = lambda m: greedy_by_forward(m, b, 4, arch)[0]  # noqa: E731
+        else:  # without position_ids: peft ignores them for input prompts
+            recompute = lambda m: greedy_by_forward(m, b, 4, arch, position_ids=False)[0]  # noqa: E731
+        theirs_out = peft_ref.checked_generate(theirs, kw, recompute)
         with torch.no_grad():
-            assert torch.equal(ours.generate(**kw), theirs.generate(**kw))
+            assert torch.equal(ours.generate(**kw), theirs_out)
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "bert", "llama_cls"])
@@ -229,8 +239,10 @@ def test_prefix_tuning_matches_peft(arch):
     if arch in ("llama", "gpt2"):
         b = batch(arch)
         kw = dict(input_ids=b["input_ids"], attention_mask=b["attention_mask"], max_new_tokens=4, do_sample=False)
+        # peft, like deltatune, counts position_ids from the first real token (it adds the prefix length)
+        theirs_out = peft_ref.checked_generate(theirs, kw, lambda m: greedy_by_forward(m, b, 4, arch)[0])
         with torch.no_grad():
-            assert torch.equal(ours.generate(**kw), theirs.generate(**kw))
+            assert torch.equal(ours.generate(**kw), theirs_out)
 
 
 def test_prefix_reparam_matches_peft_projection():
@@ -269,10 +281,12 @@ def test_our_file_loads_in_peft_and_theirs_in_ours(method, arch, tmp_path):
     ours.save_pretrained(tmp_path / "ours")
     cfg = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
     assert cfg["task_type"] == TASK[arch] and cfg["inference_mode"] is True
-    theirs = PeftModel.from_pretrained(BUILDERS[arch](), tmp_path / "ours").eval()
+    with peft_ref.peft_side(f"peft loading a {method} file on {arch}"):
+        theirs = PeftModel.from_pretrained(BUILDERS[arch](), tmp_path / "ours").eval()
     n = 4 if method != "p_tuning" else 3
     assert_same_outputs(ours, theirs, with_labels(arch, b), n, prepends=method in ("prompt_tuning", "p_tuning"))
-    theirs.save_pretrained(tmp_path / "theirs")  # PEFT's own file, without our "deltatune" entry
+    with peft_ref.peft_side(f"peft saving a {method} file"):
+        theirs.save_pretrained(tmp_path / "theirs")  # PEFT's own file, without our "deltatune" entry
     cfg = json.loads((tmp_path / "theirs" / "adapter_config.json").read_text())
     cfg.pop("deltatune", None)
     (tmp_path / "theirs" / "adapter_config.json").write_text(json.dumps(cfg))
@@ -312,7 +326,7 @@ def prompt_grads(arch, method, checkpointing):
 
 
 @pytest.mark.parametrize("method", list(CONFIGS))
-@pytest.mark.parametrize("arch", ["llama", "gpt2", "bert", "t5"])
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "bert", "t5", "bart"])
 def test_gradient_checkpointing_still_trains_the_prompt(method, arch):
     """transformers drops past_key_values inside checkpointed layers; the attention pieces then
     supply the prefix themselves, so the gradients equal those without checkpointing."""
@@ -545,9 +559,10 @@ def test_several_prompt_deltas_on_one_model():
         model(**b)
 
 
-def test_encoder_decoder_prefix_has_three_sites_that_all_act():
-    model = attached("t5", "prefix")
-    b = batch("t5")
+@pytest.mark.parametrize("arch", ENCODER_DECODER)
+def test_encoder_decoder_prefix_has_three_sites_that_all_act(arch):
+    model = attached(arch, "prefix")
+    b = batch(arch)
     ref = logits(model, b)
     for site in ("encoder", "decoder", "cross"):
         table = model.model_pieces["default"].tables[site]

@@ -1,6 +1,7 @@
 """Tiny random models built from configs: no downloads."""
 import torch
-from transformers import (BertConfig, BertForSequenceClassification, GPT2Config, GPT2LMHeadModel, LlamaConfig,
+from transformers import (BartConfig, BartForConditionalGeneration, BertConfig, BertForSequenceClassification,
+                          GPT2Config, GPT2LMHeadModel, LlamaConfig,
                           LlamaForCausalLM, LlamaForSequenceClassification, T5Config, T5ForConditionalGeneration)
 
 VOCAB = 128
@@ -39,7 +40,18 @@ def t5(seed=0):
     return T5ForConditionalGeneration(cfg).eval()
 
 
-BUILDERS = {"llama": llama, "llama_cls": llama_cls, "gpt2": gpt2, "bert": bert, "t5": t5}
+def bart(seed=0):
+    torch.manual_seed(seed)
+    cfg = BartConfig(vocab_size=VOCAB, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+                     decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=128,
+                     pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=2, forced_eos_token_id=None)
+    model = BartForConditionalGeneration(cfg).eval()
+    model.generation_config.eos_token_id = None  # BART starts decoding at eos: generate to max_new_tokens
+    return model
+
+
+BUILDERS = {"llama": llama, "llama_cls": llama_cls, "gpt2": gpt2, "bert": bert, "t5": t5, "bart": bart}
+ENCODER_DECODER = ("t5", "bart")
 
 
 def batch(name, n=2, length=7, seed=1):
@@ -48,7 +60,7 @@ def batch(name, n=2, length=7, seed=1):
     mask = torch.ones_like(ids)
     mask[0, :2] = 0  # some padding
     b = {"input_ids": ids, "attention_mask": mask}
-    if name == "t5":
+    if name in ENCODER_DECODER:
         b["decoder_input_ids"] = torch.randint(3, VOCAB, (n, 4), generator=g)
     return b
 

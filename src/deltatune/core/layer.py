@@ -48,12 +48,19 @@ class DeltaLayer(nn.Module):
         self.merged: list[str] = []    # names folded into base_layer's weights
         self.originals: dict = {}      # base tensors before the first merge
 
-    # attribute access falls through to the wrapped module (weight, in_features, ...)
+    # attribute access falls through to the module that computes the output (weight, in_features,
+    # get_encoder(), ...): an active trained copy (full / partial fine-tuning), else the base module
     def __getattr__(self, name):
         try:
             return super().__getattr__(name)
         except AttributeError:
-            return getattr(self._modules["base_layer"], name)
+            return getattr(self.computing_module(), name)
+
+    def computing_module(self) -> nn.Module:
+        if "deltas" not in self._modules or getattr(self.active, "compose", None) is not None:
+            return self._modules["base_layer"]  # still being built, or a composition decides per call
+        copies = [p for p in self.pieces() if p.replaces_base and isinstance(p._modules.get("module"), nn.Module)]
+        return copies[-1]._modules["module"] if copies else self._modules["base_layer"]
 
     def pieces(self):
         """Active, unmerged pieces in order."""

@@ -16,7 +16,7 @@ How the prefix enters (inputs the model already accepts, never a copied forward)
 - Every attention module is wrapped by a `PrefixAttention` piece that hands the
   module a one-layer cache holding its prefix *when the model gives it no cache*:
   the T5 encoder never passes one, and gradient-checkpointed layers drop theirs
-  (transformers sets past_key_values=None inside checkpointed layers). Masks and
+  (transformers drops the cache argument inside checkpointed layers). Masks and
   positions were already computed at the model level with the prefix counted,
   so both paths compute the same function.
 Files for decoder-only and encoder-only models are PEFT's PREFIX_TUNING format
@@ -31,6 +31,7 @@ from transformers import DynamicCache, EncoderDecoderCache
 
 from ..core.config import DeltaConfig
 from ..core.errors import ConfigError
+from ..core.hf_cache import CACHE_KWARG, cache_kwarg, get_cache, set_cache
 from ..core.layer import DeltaLayer, DeltaPiece
 from ..core.model import MODEL_LEVEL, ModelPiece
 from ..core.registry import register
@@ -125,7 +126,7 @@ def attention_modules(model) -> list[tuple[str, str, int]]:
             found.append((path, "cross" if cross else "decoder", base.layer_idx))
     if not found:
         raise ConfigError(f"No attention module with keys/values (and a layer_idx) found in {type(model).__name__}; "
-                          "prefix methods support transformers models whose attention takes past_key_values.")
+                          "prefix methods support transformers models whose attention takes a key/value cache.")
     return found
 
 
@@ -217,9 +218,10 @@ class KVPrefix(ModelPiece):
         batch, length, dtype = _input_size(model.base_model, kwargs)
         expand = _expand_size(model.base_model, kwargs) if generating else 1
         if self.layout.encoder_decoder:
-            return self._prepare_seq2seq(model.base_model, kwargs, batch, length, expand, dtype)
-        cache, past = self._cache(kwargs.get("past_key_values"), batch * expand, dtype)
-        kwargs["past_key_values"] = cache
+            kwargs = self._prepare_seq2seq(model.base_model, kwargs, batch, length, expand, dtype)
+            return set_cache(kwargs, get_cache(kwargs), CACHE_KWARG if generating else cache_kwarg(model.base_model))
+        cache, past = self._cache(get_cache(kwargs), batch * expand, dtype)
+        set_cache(kwargs, cache, CACHE_KWARG if generating else cache_kwarg(model.base_model))
         mask = kwargs.get("attention_mask")
         kwargs["attention_mask"] = widen_mask(mask, self.n, batch, length, past, _device(kwargs))
         if kwargs.get("position_ids") is not None:  # positions the caller counted from the first real token
@@ -231,7 +233,7 @@ class KVPrefix(ModelPiece):
         if cache is not None and getattr(cache, "deltatune_prefix", None) is not None:
             return cache, cache.get_seq_length()  # continuing: the prefix is already in it
         if cache is not None and cache.get_seq_length() > 0:
-            raise ConfigError("past_key_values holds tokens but no prefix; pass the cache returned by this model "
+            raise ConfigError("The cache passed in holds tokens but no prefix; pass the cache returned by this model "
                               "with the prefix delta active, or none.")
         cache = self.fill(DynamicCache() if cache is None else cache, "self", batch, dtype)
         cache.deltatune_prefix = self.n
@@ -242,20 +244,20 @@ class KVPrefix(ModelPiece):
         mask = kwargs.get("attention_mask")
         if mask is None or mask.shape[1] == length:
             kwargs["attention_mask"] = widen_mask(mask, self.n, batch, length, 0, _device(kwargs))
-        cache = kwargs.get("past_key_values")
+        cache = get_cache(kwargs)
         past = 0
         if cache is not None and getattr(cache, "deltatune_prefix", None) is not None:
             past = cache.get_seq_length()
         else:
             if cache is not None and cache.get_seq_length() > 0:
-                raise ConfigError("past_key_values holds tokens but no prefix; pass the cache returned by this "
+                raise ConfigError("The cache passed in holds tokens but no prefix; pass the cache returned by this "
                                   "model with the prefix delta active, or none.")
             cache = EncoderDecoderCache(self.fill(DynamicCache(), "decoder", batch * expand, dtype),
                                         self.fill(DynamicCache(), "cross", batch * expand, dtype))
             for layer in cache.is_updated:  # the model appends its encoder keys after the cross prefix
                 cache.is_updated[layer] = False
             cache.deltatune_prefix = self.n
-        kwargs["past_key_values"] = cache
+        set_cache(kwargs, cache)
         dec_mask = kwargs.get("decoder_attention_mask")
         if dec_mask is not None:
             dec_len = dec_mask.shape[1] if past else _decoder_length(kwargs, dec_mask)
@@ -293,13 +295,14 @@ class PrefixAttention(DeltaPiece):
         super().__init__()
         self.site, self.layer = site, layer
         self._refs = (source, base_layer)  # a tuple is not registered: no second copy of either module
+        self.cache_kwarg = cache_kwarg(base_layer)
 
     def forward(self, *args, **kwargs):
         source, base = self._refs
-        if kwargs.get("past_key_values") is None:
+        if get_cache(kwargs) is None:
             hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
             k, v = source.layer_kv(source.table(self.site), self.site, self.layer, hidden.shape[0], hidden.dtype)
-            kwargs["past_key_values"] = DynamicCache([(None, None)] * self.layer + [(k, v)])
+            set_cache(kwargs, DynamicCache([(None, None)] * self.layer + [(k, v)]), self.cache_kwarg)
         return base(*args, **kwargs)
 
 

@@ -21,6 +21,7 @@ from torch import nn
 
 from ..core.config import DeltaConfig
 from ..core.errors import ConfigError
+from ..core.hf_cache import get_cache
 from ..core.model import MODEL_LEVEL, ModelPiece, peft_task_type
 from ..core.registry import register
 
@@ -183,7 +184,7 @@ def input_embeddings(model, kwargs, ids=None):
 
 def cached_length(kwargs) -> int:
     """Tokens already in a passed cache, not counting a prefix delta's virtual positions."""
-    cache = kwargs.get("past_key_values")
+    cache = get_cache(kwargs)
     if cache is None or not hasattr(cache, "get_seq_length"):
         return 0
     return int(cache.get_seq_length()) - int(getattr(cache, "deltatune_prefix", 0) or 0)
@@ -193,7 +194,7 @@ def fit_embeds_to_mask(kwargs) -> dict:
     """generate() takes inputs_embeds to span the cached positions too and drops that many from the
     front: give a cached prefix placeholder rows there (decoder-only; idempotent)."""
     emb, mask = kwargs.get("inputs_embeds"), kwargs.get("attention_mask")
-    if emb is not None and mask is not None and mask.shape[1] > emb.shape[1] and kwargs.get("past_key_values"):
+    if emb is not None and mask is not None and mask.shape[1] > emb.shape[1] and get_cache(kwargs):
         lead = emb.new_zeros(emb.shape[0], mask.shape[1] - emb.shape[1], emb.shape[2])
         kwargs["inputs_embeds"] = torch.cat([lead, emb], dim=1)
     return kwargs
