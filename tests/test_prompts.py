@@ -216,11 +216,9 @@ def test_prompt_tuning_matches_peft(arch):
         ids = batch(arch)["input_ids"]
         kw = dict(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False)
         b = {"input_ids": ids, "attention_mask": kw["attention_mask"]}
-        if arch == "t5":
-            recompute = lambda m: greedy_by_forward(m, b, 4, arch)[0]  # noqa: E731
-        else:  # without position_ids: peft ignores them for input prompts
-            recompute = lambda m: greedy_by_forward(m, b, 4, arch, position_ids=False)[0]  # noqa: E731
-        theirs_out = peft_ref.checked_generate(theirs, kw, recompute)
+        # without position_ids: peft ignores them for input prompts
+        theirs_out = peft_ref.checked_generate(
+            theirs, kw, lambda m: greedy_by_forward(m, b, 4, arch, position_ids=False)[0])
         with torch.no_grad():
             assert torch.equal(ours.generate(**kw), theirs_out)
 

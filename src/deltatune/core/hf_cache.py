@@ -2,7 +2,7 @@
 
 transformers 5.24 renamed the `past_key_values` argument of models, attention modules and
 `generate` to `cache` (the old name still works, with a warning, until 5.40), and model outputs
-now carry `.cache`. Prefix deltas pass a cache in and read one back out, so they ask here
+now carry `.cache`. Prefix deltas pass a cache in, so they ask here
 instead of spelling either name. The answers come from public signatures and output dataclasses,
 not from version numbers, so a model that migrates later is still read correctly."""
 from __future__ import annotations
@@ -51,12 +51,3 @@ def set_cache(kwargs: dict, cache, name: str = CACHE_KWARG) -> dict:
         kwargs.pop(other, None)
     kwargs[name] = cache
     return kwargs
-
-
-def output_cache(out):
-    """The cache a model returned (`.cache` from 5.24, `.past_key_values` before)."""
-    for name in NAMES:
-        value = getattr(out, name, None)
-        if value is not None:
-            return value
-    return None

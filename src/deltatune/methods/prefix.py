@@ -217,47 +217,35 @@ class KVPrefix(ModelPiece):
                               "set_active(name).")
         batch, length, dtype = _input_size(model.base_model, kwargs)
         expand = _expand_size(model.base_model, kwargs) if generating else 1
+        name = CACHE_KWARG if generating else cache_kwarg(model.base_model)
         if self.layout.encoder_decoder:
-            kwargs = self._prepare_seq2seq(model.base_model, kwargs, batch, length, expand, dtype)
-            return set_cache(kwargs, get_cache(kwargs), CACHE_KWARG if generating else cache_kwarg(model.base_model))
-        cache, past = self._cache(get_cache(kwargs), batch * expand, dtype)
-        set_cache(kwargs, cache, CACHE_KWARG if generating else cache_kwarg(model.base_model))
+            return self._prepare_seq2seq(kwargs, batch, length, expand, dtype, name)
+        cache = get_cache(kwargs)
+        past = _prefix_past(cache)
+        if past is None:
+            cache, past = self.fill(DynamicCache() if cache is None else cache, "self", batch * expand, dtype), 0
+            cache.deltatune_prefix = self.n
+        set_cache(kwargs, cache, name)
         mask = kwargs.get("attention_mask")
         kwargs["attention_mask"] = widen_mask(mask, self.n, batch, length, past, _device(kwargs))
         if kwargs.get("position_ids") is not None:  # positions the caller counted from the first real token
             kwargs["position_ids"] = kwargs["position_ids"] + self.n
         return fit_embeds_to_mask(kwargs) if generating else kwargs
 
-    def _cache(self, cache, batch, dtype):
-        """(cache holding the prefix, its length before this call)."""
-        if cache is not None and getattr(cache, "deltatune_prefix", None) is not None:
-            return cache, cache.get_seq_length()  # continuing: the prefix is already in it
-        if cache is not None and cache.get_seq_length() > 0:
-            raise ConfigError("The cache passed in holds tokens but no prefix; pass the cache returned by this model "
-                              "with the prefix delta active, or none.")
-        cache = self.fill(DynamicCache() if cache is None else cache, "self", batch, dtype)
-        cache.deltatune_prefix = self.n
-        return cache, 0
-
-    def _prepare_seq2seq(self, base, kwargs, batch, length, expand, dtype):
+    def _prepare_seq2seq(self, kwargs, batch, length, expand, dtype, name):
         # one encoder-side mask serves encoder self-attention and cross-attention: both see n prefix positions
         mask = kwargs.get("attention_mask")
         if mask is None or mask.shape[1] == length:
             kwargs["attention_mask"] = widen_mask(mask, self.n, batch, length, 0, _device(kwargs))
         cache = get_cache(kwargs)
-        past = 0
-        if cache is not None and getattr(cache, "deltatune_prefix", None) is not None:
-            past = cache.get_seq_length()
-        else:
-            if cache is not None and cache.get_seq_length() > 0:
-                raise ConfigError("The cache passed in holds tokens but no prefix; pass the cache returned by this "
-                                  "model with the prefix delta active, or none.")
-            cache = EncoderDecoderCache(self.fill(DynamicCache(), "decoder", batch * expand, dtype),
-                                        self.fill(DynamicCache(), "cross", batch * expand, dtype))
+        past = _prefix_past(cache)
+        if past is None:
+            cache, past = EncoderDecoderCache(self.fill(DynamicCache(), "decoder", batch * expand, dtype),
+                                              self.fill(DynamicCache(), "cross", batch * expand, dtype)), 0
             for layer in cache.is_updated:  # the model appends its encoder keys after the cross prefix
                 cache.is_updated[layer] = False
             cache.deltatune_prefix = self.n
-        set_cache(kwargs, cache)
+        set_cache(kwargs, cache, name)
         dec_mask = kwargs.get("decoder_attention_mask")
         if dec_mask is not None:
             dec_len = dec_mask.shape[1] if past else _decoder_length(kwargs, dec_mask)
@@ -304,6 +292,19 @@ class PrefixAttention(DeltaPiece):
             k, v = source.layer_kv(source.table(self.site), self.site, self.layer, hidden.shape[0], hidden.dtype)
             set_cache(kwargs, DynamicCache([(None, None)] * self.layer + [(k, v)]), self.cache_kwarg)
         return base(*args, **kwargs)
+
+
+def _prefix_past(cache) -> int | None:
+    """Tokens in a passed cache that already holds the prefix (continuing a run); None when a
+    prefix must be filled in (no cache, or an empty one)."""
+    if cache is None:
+        return None
+    if getattr(cache, "deltatune_prefix", None) is not None:
+        return cache.get_seq_length()
+    if cache.get_seq_length() > 0:
+        raise ConfigError("The cache passed in holds tokens but no prefix; pass the cache returned by this model "
+                          "with the prefix delta active, or none.")
+    return None
 
 
 def _input_size(base, kwargs):
