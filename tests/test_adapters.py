@@ -5,7 +5,7 @@ from transformers import (MistralConfig, MistralForCausalLM, OPTConfig, OPTForCa
                           RobertaConfig, RobertaForSequenceClassification)
 
 import deltatune as dt
-from deltatune.methods.adapters import AdapterPiece, InputTap, NICECoupling
+from deltatune.methods.adapters import AdapterPiece, InputTap, NICECoupling, OutputTap
 from tiny import VOCAB, batch, bert, gpt2, llama, logits
 
 
@@ -129,7 +129,7 @@ def test_placements_and_sizes():
     assert sorted(model.pieces_of("default")) == ["model.layers.1.mlp", "model.layers.1.self_attn.o_proj"]
     model = dt.attach(llama(), dt.AdapterConfig(kind="parallel", placement="attn"))
     pieces = model.pieces_of("default")
-    assert isinstance(pieces["model.layers.0.input_layernorm"], InputTap)
+    assert isinstance(pieces["model.layers.0.input_layernorm"], OutputTap)  # records the LayerNorm output
     assert not pieces["model.layers.0.self_attn.o_proj"].serial
 
 
@@ -280,7 +280,7 @@ def test_save_load_round_trip_parallel_with_taps(tmp_path):
     model.save_pretrained(tmp_path)
     loaded = dt.DeltaModel.from_pretrained(bert(), tmp_path)
     torch.testing.assert_close(logits(loaded, b), want)
-    assert all(isinstance(p, (AdapterPiece, InputTap)) or "classifier" in k
+    assert all(isinstance(p, (AdapterPiece, InputTap, OutputTap)) or "classifier" in k
                for k, p in loaded.pieces_of("default").items())
 
 

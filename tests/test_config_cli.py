@@ -1,6 +1,10 @@
 """Run YAML -> dataclass configs (strict keys, nearest-key errors, dotted overrides) and the
-`deltatune train` / `deltatune eval` commands on a tiny model."""
+`deltatune train` / `deltatune eval` commands on a tiny model; the commands stay offline and leave
+the process environment alone."""
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -131,3 +135,59 @@ def test_merge_refuses_weights_the_architecture_cannot_reload(tmp_path, capsys):
     assert main(["merge", str(tmp_path / "base"), str(tmp_path / "delta"), str(tmp_path / "out")]) == 2
     assert "keep this delta unmerged" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def _tiny_run_yaml(tmp_path, **model) -> Path:
+    cfg = {**BASE, "model": {"path": "minilm", **model}, "output_dir": str(tmp_path / "run"),
+           "data": {"source": "sms_spam", "max_train": 8, "max_eval": 8},
+           "task": {"type": "classification", "max_length": 16},
+           "train": {"epochs": 1, "batch_size": 8, "progress": False, "plot": False, "tensorboard": False}}
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def test_commands_leave_the_process_environment_alone(tmp_path, monkeypatch, capsys):
+    """A library and its CLI must not change os.environ (the CLI once set HF_HUB_OFFLINE)."""
+    path = _tiny_run_yaml(tmp_path, tiny=True)
+    # once first: torch sets TORCHINDUCTOR_CACHE_DIR when accelerate first imports torch._dynamo
+    assert main(["train", str(path)]) == 0
+    for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
+        monkeypatch.delenv(name, raising=False)
+    before = dict(os.environ)
+    assert main(["train", str(path)]) == 0
+    assert main(["info", str(tmp_path / "run" / "final")]) == 0
+    assert main(["train", str(path), "model.path=some-org/not-a-local-model"]) == 2
+    capsys.readouterr()
+    assert dict(os.environ) == before
+
+
+# run in a fresh process without HF_HUB_OFFLINE: every connection attempt is recorded and refused
+_NO_NETWORK = """
+import json, socket, sys
+attempts = []
+def refuse(*args, **kwargs):
+    attempts.append(repr(args[:2]))
+    raise OSError("network refused by the test")
+socket.socket.connect = refuse
+socket.getaddrinfo = refuse
+from deltatune.cli import main
+codes = [main(["train", sys.argv[1]]), main(["train", sys.argv[1], "model.path=some-org/not-a-local-model"])]
+print(json.dumps({"codes": codes, "attempts": attempts}))
+"""
+
+
+def test_train_on_a_local_model_never_touches_the_network(tmp_path):
+    """The real MiniLM weights and tokenizer load from their folder with HF_HUB_OFFLINE unset;
+    a hub name fails at once with a clear message instead of being looked up."""
+    path = _tiny_run_yaml(tmp_path)  # real weights (not tiny)
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE",
+                                                            "HF_DATASETS_OFFLINE")}
+    import deltatune
+    env["PYTHONPATH"] = str(Path(deltatune.__file__).resolve().parents[1])
+    proc = subprocess.run([sys.executable, "-c", _NO_NETWORK, str(path)], capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out == {"codes": [0, 2], "attempts": []}
+    assert "neither a built-in name" in proc.stderr and "Nothing is downloaded" in proc.stderr
+    assert (tmp_path / "run" / "final" / "adapter_model.safetensors").exists()

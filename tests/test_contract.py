@@ -68,9 +68,14 @@ def test_contract(method, arch, tmp_path):
         torch.testing.assert_close(logits(model, b), tuned)
 
     if not case.get("unloadable", True):  # inserted modules / prompts: no plain model to fold them into
+        with pytest.raises(dt.ConfigError, match="cannot be merged"):  # merge() refuses exactly these
+            model.merge()
+        assert not any(layer.merged for _, layer in model.delta_layers()), "a refused merge changed weights"
         with pytest.raises(dt.ConfigError):
             model.merge_and_unload()
         return
+    model.merge()  # every other delta merges: weight deltas fold in, trained copies keep computing
+    torch.testing.assert_close(logits(model, b), tuned, atol=1e-5, rtol=1e-4)
     plain = model.merge_and_unload()
     assert not any(isinstance(m, dt.DeltaLayer) for m in plain.modules())
     torch.testing.assert_close(logits(plain, b), tuned, atol=1e-5, rtol=1e-4)

@@ -18,6 +18,8 @@ from deltatune.data import Collator
 from deltatune.train import TrainConfig, Trainer
 from deltatune.train import checkpoint as ckpt
 from deltatune.train.batches import local_batches
+from deltatune.train.loop import evaluate_classification
+from deltatune.train.precision import Precision, make_precision
 from contract_cases import CASES
 from tiny import bert, llama
 from train_engine_job import main as run_job, make_data, make_model
@@ -288,7 +290,88 @@ def test_bf16_autocast_on_cpu_trains(tmp_path):
     after = model.delta_state("default")
     assert all(v.dtype == torch.float32 for v in after.values())  # master weights stay float32
     assert any(not torch.equal(start[k], after[k]) for k in start)
-    assert getattr(model.forward, "__func__", None) is dt.DeltaModel.forward  # accelerate's wrapper removed
+    assert getattr(model.forward, "__func__", None) is dt.DeltaModel.forward  # no wrapper left on the model
+
+
+def test_trainers_in_one_process_each_keep_their_precision(tmp_path):
+    """accelerate has one process-wide state; each Trainer autocasts by its own config, so fp32,
+    bf16 and fp32 again follow each other, and the second fp32 run equals the first exactly."""
+    seen = []
+
+    def loss_fn(model, batch):
+        out = model(**batch)
+        seen.append(out.logits.dtype)
+        return out.loss
+
+    def eval_fn(model, batches):
+        batches = list(batches)
+        seen.append(model(**batches[0]).logits.dtype)
+        return evaluate_classification(model, batches)
+
+    deltas = []
+    for i, precision in enumerate(["no", "bf16", "no"]):
+        seen.clear()
+        model = make_model()
+        trainer = Trainer(model, _config(tmp_path / str(i), max_steps=2, mixed_precision=precision, save=False),
+                          make_data(8), make_data(4), collate_fn=Collator(), loss_fn=loss_fn, eval_fn=eval_fn)
+        trainer.fit()
+        assert set(seen) == {torch.bfloat16 if precision == "bf16" else torch.float32}, precision
+        assert all(v.dtype == torch.float32 for v in model.delta_state("default").values())
+        deltas.append(model.delta_state("default"))
+    _assert_equal_deltas(deltas[0], deltas[2])
+    assert any(not torch.equal(deltas[0][k], deltas[1][k]) for k in deltas[0])  # bf16 rounds differently
+
+
+def test_fp16_loss_scaling_skips_steps_with_inf_gradients():
+    """The fp16 path (GPUs): scaled backward, unscaled gradients for clipping, a step with inf
+    gradients skipped and the scale halved; the scale's state is plain JSON for checkpoints."""
+    precision = Precision(torch.float16, "cpu")  # torch's GradScaler also runs on the CPU
+    layer = torch.nn.Linear(2, 1)
+    opt = torch.optim.SGD(layer.parameters(), lr=0.1)
+    start = layer.weight.detach().clone()
+    precision.scale(layer(torch.ones(1, 2)).sum()).backward()
+    precision.unscale_(opt)
+    torch.testing.assert_close(layer.weight.grad, torch.ones(1, 2))  # the true gradient
+    assert precision.step(opt) is False and not torch.equal(layer.weight, start)
+    opt.zero_grad()
+    scale, kept = precision.scaler.get_scale(), layer.weight.detach().clone()
+    precision.scale(layer(torch.full((1, 2), float("inf"))).sum()).backward()
+    assert precision.step(opt) is True and torch.equal(layer.weight, kept)
+    assert precision.scaler.get_scale() == scale / 2
+    again = Precision(torch.float16, "cpu")
+    again.load_state_dict(json.loads(json.dumps(precision.state_dict())))
+    assert again.scaler.get_scale() == scale / 2
+    assert Precision(None, "cpu").state_dict() is None and make_precision("no", torch.device("cpu")).dtype is None
+    with pytest.warns(UserWarning, match="fp16' needs a GPU"):
+        assert make_precision("fp16", torch.device("cpu")).scaler is None  # float32 on a CPU, as accelerate
+
+
+def test_fp16_loss_scale_is_checkpointed_and_resumed(tmp_path):
+    def run():
+        trainer = Trainer(make_model(), _config(tmp_path, max_steps=3, checkpoint_every=1, resume=True),
+                          make_data(16), collate_fn=Collator())
+        trainer.precision = Precision(torch.float16, "cpu")  # what fp16 sets up on a GPU, on the CPU
+        trainer.fit()
+        return trainer
+
+    first = run()
+    saved = json.loads((ckpt.latest_checkpoint(first.out) / ckpt.STATE_NAME).read_text())["loss_scaler"]
+    assert saved == first.precision.state_dict() and saved["_growth_tracker"] == 3
+    assert run().precision.state_dict() == saved  # the finished run resumes with the scale it had
+
+
+def test_an_earlier_accelerator_with_mixed_precision_gives_a_clear_error():
+    code = ("from accelerate import Accelerator\n"
+            "from deltatune.core.errors import ConfigError\n"
+            "from deltatune.train import TrainConfig, Trainer\n"
+            "import torch\n"
+            "Accelerator(mixed_precision='bf16', cpu=True)\n"
+            "try:\n"
+            "    Trainer(torch.nn.Linear(2, 2), TrainConfig(output_dir='unused', mixed_precision='bf16'), [])\n"
+            "except ConfigError as e:\n"
+            "    print(e)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV, timeout=300)
+    assert "applies TrainConfig.mixed_precision itself" in out.stdout, out.stderr[-2000:]
 
 
 # -- transformers.Trainer ---------------------------------------------------------

@@ -1,10 +1,16 @@
-"""deltatune: every way to adapt a frozen pretrained model, as a named delta."""
-from .core.config import DeltaConfig, config_from_dict
+"""deltatune: every way to adapt a frozen pretrained model, as a named delta.
+
+Layers, each importing only those below it: core (layer, pieces, targets, files,
+registry) <- methods (each registers itself here, on import) <- compose, ensembles
+<- train, data, eval <- recipes, config_file, cli."""
+from .core.config import DeltaConfig, PeftConvertible
 from .core.errors import (ConfigError, CorruptFileError, DeltaError, IncompatibleDeltaError,
                           TargetNotFoundError, UnknownMethodError)
-from .core.layer import DeltaLayer, DeltaPiece
-from .core.model import DeltaModel, ModelPiece, attach
-from .core.registry import method_names, register
+from .core.layer import DeltaLayer
+from .core.model import DeltaModel, attach
+from .core.pieces import AddsToOutput, ChangesInputs, ComputesOutput, DeltaPiece, ModelPiece
+from .core.registry import config_from_dict, method_names, register
+from . import methods  # noqa: F401  (registers the built-in methods)
 from .methods.bitfit import BitFitConfig
 from .methods.lora import LoRAConfig
 from .methods.partial import FullConfig, PartialConfig
@@ -16,15 +22,15 @@ from .methods.prefix import PrefixConfig
 from .methods.prompt_tuning import PromptTuningConfig
 from .methods.diff_pruning import DiffPruningConfig
 from .methods.intrinsic import IntrinsicConfig
-from .compose import (EMA, Average, Ensemble, Fuse, Snapshots, Stack, average_deltas,  # noqa: E402
-                      copy_delta)
+from .compose import Average, Fuse, Stack
+from .ensembles import EMA, Ensemble, Snapshots, average_deltas, copy_delta
 from . import data, train  # noqa: E402  (dt.data.sms_spam, dt.train.Trainer)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "attach", "DeltaModel", "DeltaConfig", "config_from_dict", "register", "method_names",
-    "DeltaLayer", "DeltaPiece", "ModelPiece",
+    "DeltaLayer", "DeltaPiece", "AddsToOutput", "ComputesOutput", "ChangesInputs", "ModelPiece", "PeftConvertible",
     "LoRAConfig", "BitFitConfig", "PartialConfig", "FullConfig",
     "AdapterConfig", "FusionConfig", "MAMConfig", "Stack", "Fuse", "Average", "average_deltas", "copy_delta", "EMA",
     "Snapshots", "Ensemble",

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 
 
@@ -138,7 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    # No hub access, and the process environment left as it was: models and tokenizers load from
+    # local folders only (data/models.py passes local_files_only=True to every from_pretrained).
     args = build_parser().parse_args(argv)
     from .core.errors import DeltaError
 

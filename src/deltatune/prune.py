@@ -30,10 +30,10 @@ import re
 import numpy as np
 import torch
 from torch import nn
-from transformers.pytorch_utils import Conv1D
 
 from .core.errors import ConfigError
-from .core.targets import LINEAR_TYPES, output_head_names
+from .core.targets import LINEAR_TYPES, matches, output_head_names
+from .core.weights import oriented, stores_transposed
 
 _HEADS = {"classifier", "score", "lm_head", "qa_outputs", "cls", "pooler"}
 
@@ -77,8 +77,8 @@ class Pruner:
             raise ConfigError("Movement pruning scores weights by their gradients, so every pruned weight must "
                               "train: attach dt.FullConfig() / dt.PartialConfig(...) first.")
         for path, w in self.layers.items():
-            if structure == "blocks" and any(n % b for n, b in zip(_oriented(w, self._conv[path]).shape, self.block)):
-                raise ConfigError(f"Weight {path!r} of shape {tuple(_oriented(w, self._conv[path]).shape)} is not "
+            if structure == "blocks" and any(n % b for n, b in zip(oriented(w, self._conv[path]).shape, self.block)):
+                raise ConfigError(f"Weight {path!r} of shape {tuple(oriented(w, self._conv[path]).shape)} is not "
                                   f"divisible into blocks of {self.block}; choose a block size that divides it.")
         # created on the CPU; each follows its weight's device when used (the Trainer may move the
         # model to an accelerator after the Pruner is built)
@@ -106,11 +106,11 @@ class Pruner:
                 continue
             if trainable_only and not mod.weight.requires_grad:
                 continue
-            if targets is not None and not _matches(clean, targets):
+            if targets is not None and not matches(clean, targets):
                 continue
             seen.add(id(mod.weight))
             found[clean] = mod.weight
-            self._conv[clean] = isinstance(mod, Conv1D)
+            self._conv[clean] = stores_transposed(mod)
         if not found:
             raise ConfigError("Pruner found no linear weights to prune: the pruned weights must train, so "
                               "attach dt.FullConfig() or dt.PartialConfig(...) first (or pass "
@@ -144,14 +144,14 @@ class Pruner:
 
     def _mask(self, path, w, sparsity):
         conv = self._conv[path]
-        score = _oriented(_follow(self.scores, path, w) if self.method == "movement" else w.detach().abs().float(),
+        score = oriented(_follow(self.scores, path, w) if self.method == "movement" else w.detach().abs().float(),
                           conv)
         units = self._unit_scores(score)
         n_prune = int(round(sparsity * units.numel()))
         keep = torch.ones(units.numel(), dtype=torch.bool, device=units.device)
         if n_prune:
             keep[torch.topk(units.view(-1), n_prune, largest=False, sorted=False).indices] = False
-        return _oriented(self._expand(keep.view(units.shape), score.shape), conv)
+        return oriented(self._expand(keep.view(units.shape), score.shape), conv)
 
     def _unit_scores(self, score):
         if self.structure == "rows":
@@ -242,12 +242,3 @@ def _decode_bits(text, shape):
     return torch.from_numpy(bits.astype(bool)).view(*shape)
 
 
-def _oriented(t, conv):
-    # GPT-2's Conv1D stores (in, out): rows (output units) are its columns
-    return t.T if conv else t
-
-
-def _matches(path, targets):
-    if isinstance(targets, str):
-        return re.fullmatch(targets, path) is not None
-    return any(path == t or path.endswith("." + t) for t in targets)

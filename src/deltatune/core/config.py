@@ -1,6 +1,8 @@
-"""Dataclass configs: one base class, JSON/YAML round trip, strict keys."""
+"""Dataclass configs: one base class, JSON/YAML round trip, strict keys; `PeftConvertible`
+marks the configs whose delta files are PEFT's format."""
 from __future__ import annotations
 
+import abc
 import dataclasses
 from typing import Any, ClassVar
 
@@ -35,6 +37,11 @@ class DeltaConfig:
                     f"Valid options: {', '.join(sorted(names))}.")
         return cls(**d)
 
+    def frozen_deltas(self) -> list[str]:
+        """Attached deltas this one trains on top of (AdapterFusion's adapters): `add_delta`
+        freezes them; `set_trainable(name, True)` undoes it."""
+        return []
+
     def replace(self, **changes) -> "DeltaConfig":
         return dataclasses.replace(self, **changes)
 
@@ -49,14 +56,23 @@ def _plain(v):
     return v
 
 
-def config_from_dict(d: dict[str, Any]) -> DeltaConfig:
-    """Build the config a dict describes; its key "method" names the method."""
-    from .registry import get_method, method_names
+class PeftConvertible(abc.ABC):
+    """Mixed into a config whose delta is written in PEFT's format (adapter_config.json with
+    `peft_type`) and read back from PEFT's files. `peft_loader=False`: this method writes
+    `peft_type` files but such files load through the method that owns the type (P-tuning v2
+    writes PREFIX_TUNING files; its own options ride along under "deltatune")."""
 
-    if not isinstance(d, dict) or "method" not in d:
-        raise ConfigError("A delta config needs a 'method' key, e.g. {'method': 'lora', 'r': 8}. "
-                          f"Known methods: {', '.join(method_names())}.")
-    return get_method(d["method"]).config_cls.from_dict(d)
+    peft_type: ClassVar[str]
+    peft_loader: ClassVar[bool] = True
+
+    @abc.abstractmethod
+    def to_peft_dict(self) -> dict[str, Any]:
+        """PEFT's adapter_config.json for this config (model facts may be left None)."""
+
+    @classmethod
+    @abc.abstractmethod
+    def from_peft(cls, d: dict[str, Any]) -> DeltaConfig:
+        """The config a PEFT adapter_config.json describes."""
 
 
-__all__ = ["DeltaConfig", "config_from_dict", "ConfigError", "UnknownMethodError"]
+__all__ = ["DeltaConfig", "PeftConvertible", "ConfigError", "UnknownMethodError"]

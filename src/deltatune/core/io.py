@@ -36,15 +36,20 @@ def atomic_write(path: Path, write) -> None:
             os.remove(tmp)
 
 
-def write_delta(directory, config_dict: dict, tensors: dict[str, torch.Tensor]) -> None:
-    directory = Path(directory)
+def untied(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Detached, contiguous CPU tensors, one storage per key: safetensors refuses shared storage,
+    which tied weights (embeddings and LM head in a full delta) have."""
     seen, out = set(), {}
     for k, v in tensors.items():
         v = v.detach().contiguous().cpu()
-        # tied weights (embeddings / LM head in a full delta) are written once per key
         out[k] = v.clone() if v.data_ptr() in seen else v
         seen.add(v.data_ptr())
-    tensors = out
+    return out
+
+
+def write_delta(directory, config_dict: dict, tensors: dict[str, torch.Tensor]) -> None:
+    directory = Path(directory)
+    tensors = untied(tensors)
     atomic_write(directory / WEIGHTS_NAME, lambda t: save_file(tensors, t, metadata={"format": "pt"}))
     text = json.dumps(config_dict, indent=2, sort_keys=True)
     atomic_write(directory / CONFIG_NAME, lambda t: Path(t).write_text(text))

@@ -1,39 +1,25 @@
 """The one injection mechanism: `DeltaLayer` wraps a module of the base model,
-keeps it untouched as `base_layer`, and applies the active deltas' pieces.
-
-A piece (`DeltaPiece`) is the part of one delta that lives at one module. It
-sees the module's input and the output computed so far and returns the new
-output; a piece that `replaces_base` computes the output itself (a trainable
-copy of the module). Mergeable pieces return weight deltas that `merge`
-folds into the base parameters; the originals are kept so `unmerge` is exact.
+keeps it untouched as `base_layer`, and applies the active deltas' pieces
+(core/pieces.py) by one output rule (`DeltaLayer.run`). Mergeable pieces return
+weight deltas that `merge` folds into the base parameters; the originals are kept
+so `unmerge` is exact.
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
 
+from .pieces import AddsToOutput, ChangesInputs, ComputesOutput
 
-class DeltaPiece(nn.Module):
-    """forward(x, out, base_layer) -> new out, where x is the module's first input.
-    A piece with replaces_base=True is instead called with the module's own arguments."""
 
-    replaces_base = False  # the piece computes the module output itself
-    mergeable = False
-    sparse_file = False  # saved tensors vary in size (indices + values): load_file_state checks them
+def unwrap(module: nn.Module) -> nn.Module:
+    """The base module itself, whether or not a DeltaLayer wraps it."""
+    return module.base_layer if isinstance(module, DeltaLayer) else module
 
-    def forward(self, x, out, base_layer):  # pragma: no cover - interface
-        raise NotImplementedError
 
-    def merge_deltas(self, base_layer) -> dict[str, torch.Tensor]:
-        """{parameter name of base_layer: tensor to add} for merging."""
-        raise NotImplementedError(f"{type(self).__name__} cannot be merged into the base weights")
-
-    # file format: the keys this piece is saved under, relative to the module path
-    def file_state(self) -> dict[str, torch.Tensor]:
-        return {k: v for k, v in self.state_dict().items()}
-
-    def load_file_state(self, state: dict[str, torch.Tensor]) -> None:
-        self.load_state_dict(state, strict=True)
+def first_input(args, kwargs):
+    """The module's first input: what additive pieces see as x."""
+    return args[0] if args else next(iter(kwargs.values()), None)
 
 
 class DeltaLayer(nn.Module):
@@ -59,8 +45,12 @@ class DeltaLayer(nn.Module):
     def computing_module(self) -> nn.Module:
         if "deltas" not in self._modules or getattr(self.active, "compose", None) is not None:
             return self._modules["base_layer"]  # still being built, or a composition decides per call
-        copies = [p for p in self.pieces() if p.replaces_base and isinstance(p._modules.get("module"), nn.Module)]
-        return copies[-1]._modules["module"] if copies else self._modules["base_layer"]
+        copies = [p for p in self.pieces() if isinstance(p, ComputesOutput)]
+        return copies[-1].module if copies else self._modules["base_layer"]
+
+    def live(self, name: str):
+        """The piece of `name` here if it acts (attached here and not merged), else None."""
+        return self.deltas[name] if name in self.deltas and name not in self.merged else None
 
     def pieces(self):
         """Active, unmerged pieces in order."""
@@ -71,18 +61,28 @@ class DeltaLayer(nn.Module):
     def forward(self, *args, **kwargs):
         if self.enabled and getattr(self.active, "compose", None) is not None:
             return self.active.compose(self, *args, **kwargs)
-        pieces = self.pieces()
-        replacing = [p for p in pieces if p.replaces_base]
-        out = (replacing[-1] if replacing else self.base_layer)(*args, **kwargs)
-        x = args[0] if args else next(iter(kwargs.values()), None)
+        return self.run(self.pieces(), args, kwargs)
+
+    def run(self, pieces, args, kwargs, apply=None):
+        """The output rule. Input changers act in order; the last trained copy (else the base module)
+        computes the output; then additive pieces act in order, or `apply(layer, x, out)` when a
+        composition decides how they combine."""
         for p in pieces:
-            if not p.replaces_base:
+            if isinstance(p, ChangesInputs):
+                args, kwargs = p.change_inputs(args, kwargs)
+        copies = [p for p in pieces if isinstance(p, ComputesOutput)]
+        out = (copies[-1] if copies else self.base_layer)(*args, **kwargs)
+        x = first_input(args, kwargs)
+        if apply is not None:
+            return apply(self, x, out)
+        for p in pieces:
+            if isinstance(p, AddsToOutput):
                 out = p(x, out, self.base_layer)
         return out
 
     # -- merging ---------------------------------------------------------
     def merge(self, name: str) -> None:
-        if name in self.merged or name not in self.deltas:
+        if name in self.merged or name not in self.deltas or not isinstance(self.deltas[name], AddsToOutput):
             return
         deltas = self.deltas[name].merge_deltas(self.base_layer)
         with torch.no_grad():

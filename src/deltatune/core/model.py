@@ -1,4 +1,6 @@
-"""`DeltaModel`: a frozen Hugging Face model carrying named deltas."""
+"""`DeltaModel`: a frozen Hugging Face model carrying named deltas. It injects pieces
+(core/layer.py), chooses which deltas act, merges them and runs the model; files are
+core/files.py's job, the task-head policy core/heads.py's."""
 from __future__ import annotations
 
 import contextlib
@@ -8,47 +10,21 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from .config import DeltaConfig, config_from_dict
+from . import files, setup
+from .call_args import check_forward_kwargs, shows_base_signature
+from .config import DeltaConfig
 from .copy import TrainableCopy
-from .errors import ConfigError, IncompatibleDeltaError
-from .io import PREFIX, read_delta, write_delta
-from .layer import DeltaLayer
-from .registry import get_method, method_of
-from .targets import find_targets
+from .errors import ConfigError
+from .files import config_from_file
+from .heads import default_heads
+from .io import read_delta
+from .layer import DeltaLayer, unwrap
+from .overlap import check_active
+from .pieces import MODEL_LEVEL, AddsToOutput, ComputesOutput, ModelPiece, check_piece
+from .registry import method_of
+from .targets import find_targets, named_base_modules
 
-MODEL_LEVEL = ""  # key of a model-level piece in a method's build() result
-
-
-class ModelPiece(nn.Module):
-    """The part of a delta that acts on the model's inputs/outputs (soft prompts).
-
-    `prepare(model, kwargs)` returns new forward kwargs and a function applied to
-    the outputs; `prepare_generate` does the same for `generate`."""
-
-    # True only for a piece that changes no inputs/outputs and holds parameters its layer
-    # pieces share (intrinsic's theta_d): merging the layer pieces then captures the delta
-    mergeable = False
-
-    def prepare(self, model, kwargs):  # pragma: no cover - interface
-        raise NotImplementedError
-
-    def prepare_generate(self, model, kwargs):
-        return self.prepare(model, kwargs)
-
-    def file_state(self):
-        return dict(self.state_dict())
-
-    def load_file_state(self, state):
-        self.load_state_dict(state, strict=True)
-
-    def file_config(self, cfg: dict) -> dict:
-        """The saved adapter_config.json, completed with facts about the model this piece
-        was built for (e.g. PEFT's task_type and token_dim); unchanged by default."""
-        return cfg
-
-    # key root of the delta's module tensors (task heads): PEFT writes prompt-learning deltas'
-    # modules under "base_model.<path>" rather than "base_model.model.<path>"
-    file_key_root = PREFIX
+__all__ = ["DeltaModel", "ModelPiece", "MODEL_LEVEL", "attach", "config_from_file"]
 
 
 class DeltaModel(nn.Module):
@@ -77,7 +53,7 @@ class DeltaModel(nn.Module):
 
     # -- deltas --------------------------------------------------------------
     def delta_layers(self) -> Iterable[tuple[str, DeltaLayer]]:
-        for path, mod in self.base_model.named_modules():
+        for path, mod in named_base_modules(self.base_model, wrapped=True):  # base paths, as files key them
             if isinstance(mod, DeltaLayer):
                 yield path, mod
 
@@ -89,38 +65,48 @@ class DeltaModel(nn.Module):
                               "or choose another name.")
         if "." in name or not name:
             raise ConfigError(f"Delta name {name!r} must be non-empty and contain no '.'.")
-        pieces = dict(method_of(config).build(self.base_model, config))
+        enabled = self._enabled
+        self._set_enabled(False)  # build against the base: attributes would fall through to an active trained copy
+        try:
+            pieces = dict(method_of(config).build(self.base_model, config))
+        finally:
+            self._set_enabled(enabled)
+        where = dict(named_base_modules(self.base_model, wrapped=True))  # {base path: module or its wrapper}
         heads = default_heads(self.base_model) if config.modules_to_save is None else config.modules_to_save
         if heads:  # like PEFT, a listed name may be absent (["classifier", "score"]) but not all of them
             for path in find_targets(self.base_model, list(heads), types=None):
                 if not any(path == q or path.startswith(q + ".") for q in pieces if q):
-                    pieces[path] = TrainableCopy(self._unwrap(path))
+                    pieces[path] = TrainableCopy(where[path])
         for path, piece in pieces.items():
-            self._install(name, path, piece)
+            self._install(name, path, piece, where)
         self.configs[name] = config
+        for other in config.frozen_deltas():
+            if other in self.configs:
+                self.set_trainable(other, False)
         self.set_trainable(name, trainable)
         self.set_active(self.active or [name])  # the first delta becomes active; others wait for set_active
         return self
 
-    def _unwrap(self, path):
-        mod = self.base_model.get_submodule(path)
-        return mod.base_layer if isinstance(mod, DeltaLayer) else mod
-
-    def _install(self, name, path, piece):
+    def _install(self, name, path, piece, where):
         if path == MODEL_LEVEL:
             self.model_pieces[name] = piece
             return
-        mod = self.base_model.get_submodule(path)
+        check_piece(piece, path)
+        mod = where[path]
         if not isinstance(mod, DeltaLayer):
-            wrapper = DeltaLayer(mod)
-            parent, _, child = path.rpartition(".")
-            setattr(self.base_model.get_submodule(parent) if parent else self.base_model, child, wrapper)
-            mod = wrapper
+            mod = where[path] = DeltaLayer(mod)
+            self._put(path, mod, where)
         ref = next(mod.base_layer.parameters(), None)
         if ref is not None:
             piece.to(device=ref.device)
         piece.train(mod.base_layer.training)  # a new piece follows the model's train/eval mode (dropout, gates)
         mod.deltas[name] = piece
+
+    def _put(self, path, module, where=None):
+        """Register `module` at base path `path` (inside the module a wrapper of its parent wraps)."""
+        where = dict(named_base_modules(self.base_model, wrapped=True)) if where is None else where
+        parent, _, child = path.rpartition(".")
+        setattr(unwrap(where[parent]), child, module)
 
     def pieces_of(self, name: str) -> dict[str, nn.Module]:
         """{module path: piece} of one delta ("" for its model-level piece)."""
@@ -145,8 +131,7 @@ class DeltaModel(nn.Module):
             if name in layer.deltas:
                 del layer.deltas[name]
             if not len(layer.deltas):  # put the original module back
-                parent, _, child = path.rpartition(".")
-                setattr(self.base_model.get_submodule(parent) if parent else self.base_model, child, layer.base_layer)
+                self._put(path, layer.base_layer)
         if name in self.model_pieces:
             del self.model_pieces[name]
         del self.configs[name]
@@ -171,6 +156,7 @@ class DeltaModel(nn.Module):
         self._check_names(self._names(active))
         if callable(getattr(active, "check", None)):  # a composition checks that its deltas combine
             active.check(self)
+        check_active(self, self._names(active))  # a trained copy shadows other deltas' pieces inside it
         self.active = active
         for _, layer in self.delta_layers():
             layer.active = active
@@ -206,16 +192,15 @@ class DeltaModel(nn.Module):
         names = self.active_names if names is None else self._names(names)
         self._check_names(names)
         for n in names:
-            pieces = self.pieces_of(n)
-            # a model-level piece may be mergeable when it only holds parameters its layer pieces share
-            if not all(getattr(p, "mergeable", False) or getattr(p, "replaces_base", False)
-                       for p in pieces.values()):
+            fixed = [p for p in self.pieces_of(n).values() if not p.mergeable]
+            if fixed:
                 raise ConfigError(f"Delta {n!r} ({self.configs[n].method}) adds modules or inputs, not weight "
-                                  "changes, so it cannot be merged into the weights; keep it attached.")
-        for n in names:
+                                  f"changes ({type(fixed[0]).__name__} cannot be folded into weights), so it cannot "
+                                  "be merged; keep it attached.")
+        for n in names:  # additive pieces fold into the weights; trained copies stay until merge_and_unload
             try:
                 for _, layer in self.delta_layers():
-                    if n in layer.deltas and not layer.deltas[n].replaces_base:
+                    if isinstance(layer.deltas[n] if n in layer.deltas else None, AddsToOutput):
                         layer.merge(n)
             except Exception:
                 self.unmerge([n])  # all or nothing
@@ -230,11 +215,10 @@ class DeltaModel(nn.Module):
     def merge_and_unload(self) -> nn.Module:
         """The plain HF model with the active deltas folded in (trained copies take their module's place)."""
         self.merge()
-        for path, layer in list(self.delta_layers()):
-            copies = [layer.deltas[n] for n in self.active_names if n in layer.deltas and layer.deltas[n].replaces_base]
-            plain = copies[-1].module if copies else layer.base_layer
-            parent, _, child = path.rpartition(".")
-            setattr(self.base_model.get_submodule(parent) if parent else self.base_model, child, plain)
+        for path, layer in reversed(list(self.delta_layers())):  # inner wrappers first, while their parents are base
+            copies = [layer.deltas[n] for n in self.active_names
+                      if isinstance(layer.deltas[n] if n in layer.deltas else None, ComputesOutput)]
+            self._put(path, copies[-1].module if copies else layer.base_layer)
         base = self.base_model
         for p in base.parameters():
             p.requires_grad_(False)
@@ -246,9 +230,12 @@ class DeltaModel(nn.Module):
             return []
         return [self.model_pieces[n] for n in self.active_names if n in self.model_pieces]
 
+    @shows_base_signature  # inspect.signature(model.forward) is the base model's (transformers.Trainer reads it)
     def forward(self, *args, **kwargs):
+        pieces = self._model_pieces()
+        check_forward_kwargs(self.base_model, kwargs, pieces)  # an unknown keyword raises, not vanishes
         posts = []
-        for piece in self._model_pieces():
+        for piece in pieces:
             kwargs, post = piece.prepare(self, kwargs)
             posts.append(post)
         out = self.base_model(*args, **kwargs)
@@ -287,7 +274,9 @@ class DeltaModel(nn.Module):
 
     # -- torch state dicts: the deltas only ------------------------------------
     def _is_delta_key(self, key: str) -> bool:
-        layers = tuple(f"base_model.{path}.deltas." for path, _ in self.delta_layers())
+        # real module paths (a wrapper nested in another's base_layer has ".base_layer." in its key)
+        layers = tuple(f"base_model.{path}.deltas." for path, mod in self.base_model.named_modules()
+                       if isinstance(mod, DeltaLayer))
         return key.startswith(("model_pieces.",) + layers)
 
     def state_dict(self, *args, **kwargs):
@@ -309,55 +298,35 @@ class DeltaModel(nn.Module):
                                f"unexpected keys {result.unexpected_keys[:5]}.")
         return type(result)(missing, result.unexpected_keys)
 
-    # -- files ---------------------------------------------------------------
+    # -- files (core/files.py) -------------------------------------------------
     def delta_state(self, name: str) -> dict[str, torch.Tensor]:
         """The tensors of one delta under their file keys."""
-        out, pieces = {}, self.pieces_of(name)
-        root = getattr(pieces.get(MODEL_LEVEL), "file_key_root", PREFIX)
-        for path, piece in pieces.items():
-            prefix = "" if path == MODEL_LEVEL else root + path + "."
-            for k, v in piece.file_state().items():
-                out[prefix + k] = v
-        return out
+        return files.delta_state(self, name)
+
+    def file_config(self, name: str) -> dict:
+        """adapter_config.json of one delta (see files.file_config)."""
+        return files.file_config(self, name)
 
     def save_pretrained(self, path, names=None) -> None:
         """Write each delta: the first (or "default") in `path`, others in `path/<name>/`; plus
         `path/deltatune_setup.json` (folders and active composition) for from_pretrained(all_deltas=True)."""
         requested, names = names, list(self.configs) if names is None else self._names(names)
         self._check_names(names)
-        root = "default" if "default" in names else names[0]
-        for n in names:
-            write_delta(Path(path) if n == root else Path(path) / n, self.file_config(n), self.delta_state(n))
-        from ..compose import write_setup
-        write_setup(self, path, requested, names, root)
-
-    def file_config(self, name: str) -> dict:
-        """adapter_config.json of one delta. Besides the method's options it records facts about the
-        base model: PEFT's `task_type` (the auto class to load it with) and, in PEFT-style files,
-        `modules_to_save` = the task heads this delta trained, so peft restores them too."""
-        cfg = self.configs[name]
-        to_file = getattr(cfg, "to_file_dict", None)
-        d = to_file() if callable(to_file) else cfg.to_dict()
-        if name in self.model_pieces:
-            d = self.model_pieces[name].file_config(d)
-        if d.get("task_type") is None:
-            d["task_type"] = peft_task_type(self.base_model)
-        if "peft_type" in d and d.get("modules_to_save") is None and cfg.modules_to_save is None:
-            pieces = self.pieces_of(name)
-            heads = [h for h in default_heads(self.base_model) if isinstance(pieces.get(h), TrainableCopy)]
-            d["modules_to_save"] = heads or None
-        d.setdefault("base_model_name_or_path", getattr(self.base_model.config, "_name_or_path", None))
-        return d
+        root = files.write(self, path, names)
+        setup.write_setup(self, path, requested, names, root)
 
     @classmethod
     def from_pretrained(cls, base_model, path, name: str = "default", trainable: bool = False,
                         all_deltas: bool = False) -> "DeltaModel":
         """Load the delta in `path` as `name`; with all_deltas=True every delta save_pretrained wrote
         there (root and subfolders, under their saved names) with the saved active composition."""
-        if all_deltas:
-            from ..compose import load_setup
-            return load_setup(base_model, path, trainable=trainable)
         model = base_model if isinstance(base_model, DeltaModel) else cls(base_model)
+        if all_deltas:
+            folders, active = setup.read_setup(path)
+            for delta, folder in folders.items():
+                model.load_delta(Path(path) / folder, name=delta, trainable=trainable)
+            model.set_active(active)
+            return model
         model.load_delta(path, name=name, trainable=trainable)
         model.set_active(name)
         return model
@@ -367,93 +336,16 @@ class DeltaModel(nn.Module):
         config = config_from_file(cfg_dict)
         self.add_delta(name, config, trainable=trainable)
         try:
-            self._load_tensors(name, tensors, source=path)
+            files.load_tensors(self, name, tensors, source=path)
         except Exception:
             self.delete_delta(name)
             raise
         return self
 
-    def _load_tensors(self, name, tensors, source):
-        pieces = self.pieces_of(name)
-        by_piece = {path: {} for path in pieces}
-        for key, value in tensors.items():
-            path, sub = _split_key(key, pieces)
-            if ".base_layer." in key:  # PEFT also stores the untouched base weights of targeted embeddings
-                continue
-            if path is None:
-                raise IncompatibleDeltaError(
-                    f"Delta {str(source)!r} has weights for {key!r}, which this {type(self.base_model).__name__} "
-                    "has no place for: the delta was made for another architecture or target set.")
-            by_piece[path][sub] = value
-        for path, piece in pieces.items():
-            expected = piece.file_state()
-            got = by_piece[path]
-            missing = sorted(set(expected) - set(got))
-            if missing:
-                raise IncompatibleDeltaError(
-                    f"Delta {str(source)!r} lacks {missing} for module {path or '(model level)'!r}; "
-                    "the file is incomplete or belongs to another method.")
-            for k, v in got.items():
-                if k not in expected:
-                    raise IncompatibleDeltaError(f"Delta {str(source)!r} has unexpected weights {k!r} "
-                                                 f"for module {path!r}.")
-                if not getattr(piece, "sparse_file", False) and tuple(expected[k].shape) != tuple(v.shape):
-                    raise IncompatibleDeltaError(
-                        f"Delta {str(source)!r} does not fit this base model: module {path!r} weight {k!r} has "
-                        f"shape {tuple(v.shape)} in the file but {tuple(expected[k].shape)} here "
-                        "(the delta was trained on another base model).")
-            ref = next(iter(expected.values()), None)
-            piece.load_file_state({k: v.to(ref.device if ref is not None else "cpu") for k, v in got.items()})
 
-
-def default_heads(model: nn.Module) -> list[str]:
-    """The freshly initialised task head of a *ForSequenceClassification-style model,
-    trained and saved with every delta unless modules_to_save says otherwise (PEFT's task_type)."""
-    name = type(model).__name__
-    if not name.endswith(("ForSequenceClassification", "ForTokenClassification", "ForQuestionAnswering",
-                          "ForMultipleChoice")):
-        return []
-    return [n for n in ("classifier", "score", "qa_outputs") if hasattr(model, n)]
-
-
-def peft_task_type(model) -> str:
-    """PEFT's task_type for a Hugging Face model class (it picks PEFT's wrapper class on load, and
-    `deltatune merge` the auto class the base model loads with)."""
-    name = type(model).__name__
-    if getattr(model.config, "is_encoder_decoder", False) and name.endswith(("ForConditionalGeneration",
-                                                                             "ForSeq2SeqLM")):
-        return "SEQ_2_SEQ_LM"
-    for suffix, kind in (("ForCausalLM", "CAUSAL_LM"), ("LMHeadModel", "CAUSAL_LM"),
-                         ("ForSequenceClassification", "SEQ_CLS"), ("ForTokenClassification", "TOKEN_CLS"),
-                         ("ForQuestionAnswering", "QUESTION_ANS")):
-        if name.endswith(suffix):
-            return kind
-    return "FEATURE_EXTRACTION"
-
-
-def _split_key(key: str, pieces: dict) -> tuple[str | None, str]:
-    for root in (PREFIX, "base_model."):  # ours/PEFT's, then PEFT's prompt-learning layout
-        rest = key[len(root):] if key.startswith(root) else None
-        best = None
-        for path in pieces if rest is not None else ():
-            if path and rest.startswith(path + ".") and (best is None or len(path) > len(best)):
-                best = path
-        if best is not None:
-            return best, rest[len(best) + 1:]
-    if key.startswith("base_model."):
-        return None, key
-    return (MODEL_LEVEL, key) if MODEL_LEVEL in pieces else (None, key)
-
-
-def config_from_file(d: dict) -> DeltaConfig:
-    """A config from adapter_config.json: ours (key "method") or PEFT's (key "peft_type")."""
-    if "method" in d:
-        d = {k: v for k, v in d.items() if k not in ("base_model_name_or_path", "task_type")}
-        return config_from_dict(d)
-    if "peft_type" in d:
-        from .registry import peft_method
-        return peft_method(d["peft_type"]).config_cls.from_peft(d)
-    raise ConfigError("adapter_config.json names no method ('method' or PEFT's 'peft_type').")
+def default_loss(model, batch):
+    """The model's own loss (HF models compute it from `labels`): the Trainer's default objective."""
+    return model(**batch).loss
 
 
 def attach(model: nn.Module, config: DeltaConfig, name: str = "default") -> DeltaModel:

@@ -1,14 +1,16 @@
 """The one registry: a method is a config class plus a `build` function.
 
-`build(model, config)` returns {module_path: DeltaPiece} (pieces wrapped into
-those modules) and may return a model-level piece under the key "" (inputs /
-outputs transform, e.g. soft prompts)."""
+`build(model, config)` returns {module_path: piece} (pieces wrapped into those modules,
+core/pieces.py) and may return a model-level piece under the key "" (inputs / outputs
+transform, e.g. soft prompts). The built-in methods register themselves when the
+package is imported (deltatune/__init__.py imports deltatune.methods); core imports no method."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
-from .errors import UnknownMethodError, did_you_mean
+from .config import DeltaConfig, PeftConvertible
+from .errors import ConfigError, UnknownMethodError, did_you_mean
 
 
 @dataclass(frozen=True)
@@ -16,35 +18,38 @@ class Method:
     name: str
     config_cls: type
     build: Callable
-    peft_type: str | None = None
+
+    @property
+    def peft_type(self) -> str | None:
+        """PEFT's type when the config converts to/from PEFT's files, else None."""
+        return self.config_cls.peft_type if issubclass(self.config_cls, PeftConvertible) else None
 
 
 _METHODS: dict[str, Method] = {}
 
 
-def register(name: str, config_cls: type, build: Callable, peft_type: str | None = None) -> None:
-    """Make a method known. `peft_type` names PEFT's type when the config also
-    converts to/from PEFT's adapter_config.json (`to_file_dict`/`from_peft`)."""
+def register(name: str, config_cls: type, build: Callable) -> None:
+    """Make a method known: `config_cls` (a DeltaConfig dataclass; mix in PeftConvertible for
+    PEFT's file format) and `build(model, config) -> {module path: piece}`."""
+    if not (isinstance(config_cls, type) and issubclass(config_cls, DeltaConfig)):
+        raise ConfigError(f"register({name!r}, ...) needs a DeltaConfig subclass, got {config_cls!r}.")
     config_cls.method = name
-    _METHODS[name] = Method(name, config_cls, build, peft_type)
+    _METHODS[name] = Method(name, config_cls, build)
 
 
 def peft_method(peft_type: str) -> Method:
-    _load_builtin()
     for m in _METHODS.values():
-        if m.peft_type == peft_type:
+        if m.peft_type == peft_type and m.config_cls.peft_loader:
             return m
     raise UnknownMethodError(f"PEFT adapter type {peft_type!r} has no deltatune loader; supported: "
-                             f"{sorted(m.peft_type for m in _METHODS.values() if m.peft_type)}.")
+                             f"{sorted({m.peft_type for m in _METHODS.values() if m.peft_type})}.")
 
 
 def method_names() -> list[str]:
-    _load_builtin()
     return sorted(_METHODS)
 
 
 def get_method(name: str) -> Method:
-    _load_builtin()
     key = str(name).lower()
     if key not in _METHODS:
         raise UnknownMethodError(
@@ -54,7 +59,6 @@ def get_method(name: str) -> Method:
 
 
 def method_of(config) -> Method:
-    _load_builtin()
     for m in _METHODS.values():
         if type(config) is m.config_cls:
             return m
@@ -62,5 +66,9 @@ def method_of(config) -> Method:
                              "register it with deltatune.register(name, ConfigClass, build).")
 
 
-def _load_builtin():
-    from .. import methods  # noqa: F401  (importing registers the built-in methods)
+def config_from_dict(d: dict[str, Any]) -> DeltaConfig:
+    """Build the config a dict describes; its key "method" names the method."""
+    if not isinstance(d, dict) or "method" not in d:
+        raise ConfigError("A delta config needs a 'method' key, e.g. {'method': 'lora', 'r': 8}. "
+                          f"Known methods: {', '.join(method_names())}.")
+    return get_method(d["method"]).config_cls.from_dict(d)

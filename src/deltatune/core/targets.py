@@ -7,6 +7,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from .errors import TargetNotFoundError, closest
+from .layer import DeltaLayer, unwrap
 
 LINEAR_TYPES = (nn.Linear, Conv1D)
 _LAYER_INDEX = re.compile(r"\.(?:layers?|h|block|blocks)\.(\d+)\.")
@@ -18,22 +19,25 @@ def layer_index(path: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
-def named_base_modules(model: nn.Module):
-    """(path, module) of the base model as if no delta were attached: a wrapper is
-    seen as the module it wraps, and the deltas' own modules are not seen."""
-    from .layer import DeltaLayer
+def named_base_modules(model: nn.Module, remove_duplicate: bool = True, wrapped: bool = False):
+    """(path, module) of the base model as if no delta were attached, at any depth: a wrapper
+    is seen as the module it wraps, and the deltas' own modules (pieces, trained copies) are
+    not seen. The one walk past wrappers; remove_duplicate=False also yields a shared module
+    (T5's embeddings) at each of its paths; wrapped=True yields, at a wrapped module's path,
+    the DeltaLayer the model calls there instead of the module it wraps."""
 
     def walk(mod, prefix):
-        if isinstance(mod, DeltaLayer):
-            mod = mod.base_layer
-        yield prefix, mod
-        for name, child in mod._modules.items():
+        base = mod
+        while isinstance(base, DeltaLayer):  # only base_layer is walked, never a wrapper's deltas
+            base = base.base_layer
+        yield prefix, mod if wrapped else base
+        for name, child in base._modules.items():
             if child is not None:
                 yield from walk(child, f"{prefix}.{name}" if prefix else name)
 
     seen = set()
     for path, mod in walk(model, ""):
-        if id(mod) not in seen:
+        if not remove_duplicate or id(mod) not in seen:
             seen.add(id(mod))
             yield path, mod
 
@@ -44,14 +48,15 @@ def output_head_names(model: nn.Module) -> set[str]:
     get_out = getattr(model, "get_output_embeddings", None)
     out = get_out() if callable(get_out) else None
     for path, mod in named_base_modules(model):
-        if out is not None and (mod is out or getattr(out, "base_layer", None) is mod):
+        if out is not None and unwrap(out) is mod:
             names.add(path)
         if path.split(".")[-1] in {"lm_head", "score", "classifier", "qa_outputs", "cls"}:
             names.add(path)
     return names
 
 
-def _matches(path: str, targets) -> bool:
+def matches(path: str, targets) -> bool:
+    """A module path matches a regex (string) or ends with one of the listed suffixes."""
     if isinstance(targets, str):
         return re.fullmatch(targets, path) is not None
     return any(path == t or path.endswith("." + t) for t in targets)
@@ -72,7 +77,7 @@ def find_targets(model: nn.Module, targets, layers=None, types=LINEAR_TYPES) -> 
     else:
         if isinstance(targets, str) and targets in named:
             targets = [targets]
-        found = [p for p in named if p and _matches(p, targets)]
+        found = [p for p in named if p and matches(p, targets)]
         wrong = [p for p in found if types and not isinstance(named[p], types)]
         if wrong and len(wrong) == len(found):
             kinds = sorted({type(named[p]).__name__ for p in wrong})

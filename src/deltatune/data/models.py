@@ -8,7 +8,10 @@
 - any local Hugging Face model directory.
 
 `tiny` builds a small random model of the same architecture from the real config, with
-the real tokenizer: the examples run on it in CI."""
+the real tokenizer: the examples run on it in CI.
+
+Every `from_pretrained` here passes `local_files_only=True`: a path is a folder on disk, so
+transformers never asks a hub (no HF_HUB_OFFLINE needed, and none set)."""
 from __future__ import annotations
 
 import os
@@ -49,11 +52,11 @@ def _convert_smollm2(out: Path, weights: bool) -> None:
     tmp = out.parent / f".{out.name}.{os.getpid()}.tmp"
     tmp.mkdir(parents=True, exist_ok=True)
     if not weights:
-        AutoTokenizer.from_pretrained(src, gguf_file=SMOLLM2_GGUF).save_pretrained(tmp)
-        config = AutoConfig.from_pretrained(src, gguf_file=SMOLLM2_GGUF)
+        AutoTokenizer.from_pretrained(src, gguf_file=SMOLLM2_GGUF, local_files_only=True).save_pretrained(tmp)
+        config = AutoConfig.from_pretrained(src, gguf_file=SMOLLM2_GGUF, local_files_only=True)
         _plain_config(config).save_pretrained(tmp)
     else:
-        quantized = AutoModelForCausalLM.from_pretrained(src, gguf_file=SMOLLM2_GGUF)
+        quantized = AutoModelForCausalLM.from_pretrained(src, gguf_file=SMOLLM2_GGUF, local_files_only=True)
         config = _plain_config(quantized.config)
         plain = AutoModelForCausalLM.from_config(config)
         plain.load_state_dict(quantized.state_dict(), strict=True)  # GGUF tensors are dequantized on load
@@ -88,7 +91,7 @@ def resolve_path(name_or_path: str, weights: bool = True) -> Path:
 def load_tokenizer(name_or_path: str):
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(resolve_path(name_or_path, weights=False))
+    tok = AutoTokenizer.from_pretrained(resolve_path(name_or_path, weights=False), local_files_only=True)
     if tok.pad_token is None:  # decoders often have none; padding is masked anyway
         tok.pad_token = tok.eos_token or tok.sep_token
     return tok
@@ -103,7 +106,7 @@ def load_model(name_or_path: str, auto_class, tiny=False, seed: int = 0, **kwarg
 
     path = resolve_path(name_or_path, weights=not tiny)
     if tiny:
-        config = AutoConfig.from_pretrained(path, **kwargs)
+        config = AutoConfig.from_pretrained(path, local_files_only=True, **kwargs)
         sizes = {**TINY_SIZES, **(tiny if isinstance(tiny, dict) else {})}
         for k, v in sizes.items():
             if hasattr(config, k) or k in ("hidden_size", "num_hidden_layers"):
@@ -116,6 +119,6 @@ def load_model(name_or_path: str, auto_class, tiny=False, seed: int = 0, **kwarg
     verbosity = logging.get_verbosity()
     logging.set_verbosity_error()  # a new task head's "newly initialized" notice is expected
     try:
-        return auto_class.from_pretrained(path, **kwargs)
+        return auto_class.from_pretrained(path, local_files_only=True, **kwargs)
     finally:
         logging.set_verbosity(verbosity)

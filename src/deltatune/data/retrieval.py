@@ -8,6 +8,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ..extras import require
+from .models import load_model, load_tokenizer
+
 
 class SentenceEncoder:
     """Mean-pooled, normalised sentence embeddings from a BERT-style encoder."""
@@ -15,7 +18,6 @@ class SentenceEncoder:
     def __init__(self, name_or_path: str = "minilm", max_length: int = 128, batch_size: int = 64):
         from transformers import AutoModel
 
-        from .models import load_model, load_tokenizer
         self.tokenizer = load_tokenizer(name_or_path)
         self.model = load_model(name_or_path, AutoModel).eval()
         self.max_length, self.batch_size = max_length, batch_size
@@ -37,8 +39,7 @@ class KNNIndex:
     """Exact cosine-similarity search over normalised vectors with faiss."""
 
     def __init__(self, vectors: np.ndarray):
-        import faiss
-
+        faiss = require("faiss", "recipes", "Nearest-neighbour search (KNNIndex, the ipt recipe)", package="faiss-cpu")
         vectors = np.ascontiguousarray(vectors, dtype="float32")
         self.index = faiss.IndexFlatIP(vectors.shape[1])
         self.index.add(vectors)

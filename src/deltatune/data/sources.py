@@ -11,6 +11,8 @@ from pathlib import Path
 
 from ..core.errors import ConfigError, did_you_mean
 from . import builtin
+from ..extras import require
+from .augment import augment
 
 BUILTINS = {"sms_spam": (builtin.sms_spam, lambda: builtin.SMS_LABELS),
             "bbc_news": (builtin.bbc_news, builtin.bbc_labels),
@@ -57,7 +59,6 @@ def load_examples(cfg: DataConfig) -> tuple[list[dict], list[dict], list[str] | 
     if cfg.max_eval:
         test = test[:cfg.max_eval]
     if cfg.augment:
-        from .augment import augment
         train = augment(train, cfg.augment)
     return train, test, names
 
@@ -76,16 +77,19 @@ def read_local(path: str, split: str = "train") -> tuple[list[dict], list[str] |
     if fmt is None:
         raise ConfigError(f"Cannot read {p.name}: supported files are {', '.join(FORMATS)}, a saved datasets "
                           "directory or a folder with one sub-folder of .txt files per class.")
-    from datasets import load_dataset
-    kwargs = {"delimiter": "\t"} if p.suffix.lower() == ".tsv" else {}
-    ds = load_dataset(fmt, data_files=str(p), split="train", **kwargs)
+    # Dataset.from_* read a local file only; load_dataset would also contact the hub (download counts)
+    dataset = require("datasets", "data", f"Reading {p.suffix} files").Dataset
+    if fmt == "csv":
+        ds = dataset.from_csv(str(p), **({"delimiter": "\t"} if p.suffix.lower() == ".tsv" else {}))
+    else:
+        ds = getattr(dataset, f"from_{fmt}")(str(p))
     return ds.to_list(), _class_names(ds)
 
 
 def _saved(p: Path, split: str):
-    from datasets import DatasetDict, load_from_disk
-    ds = load_from_disk(str(p))
-    if isinstance(ds, DatasetDict):
+    datasets = require("datasets", "data", "Reading a saved datasets directory")
+    ds = datasets.load_from_disk(str(p))
+    if isinstance(ds, datasets.DatasetDict):
         if split not in ds:
             raise ConfigError(f"{p} has splits {list(ds)}; set data.split to one of them.")
         ds = ds[split]

@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from ..core.errors import ConfigError, did_you_mean
+from ..eval.evaluators import (evaluate_classification, evaluate_token_classification, make_generation_eval,
+                               make_lm_eval)
 from . import text as T
 
 
@@ -97,25 +99,21 @@ def _mlm_collator(tok, cfg):
 
 
 def _cls_eval(tok, cfg):
-    from ..eval.evaluators import evaluate_classification
     return evaluate_classification
 
 
 def _tok_eval(tok, cfg):
-    from ..eval.evaluators import evaluate_token_classification
     return evaluate_token_classification
 
 
 def _lm_eval(shift):
     def make(tok, cfg):
-        from ..eval.evaluators import make_lm_eval
         return make_lm_eval(shift)
     return make
 
 
 def _gen_eval(shift):
     def make(tok, cfg):
-        from ..eval.evaluators import make_generation_eval
         return make_generation_eval(tok, shift, cfg.max_new_tokens)
     return make
 

@@ -23,13 +23,14 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 from transformers.activations import ACT2FN
-from transformers.pytorch_utils import Conv1D
 
 from ..core.config import DeltaConfig
 from ..core.errors import ConfigError, TargetNotFoundError
-from ..core.layer import DeltaLayer, DeltaPiece
+from ..core.layer import DeltaLayer, first_input, unwrap
+from ..core.pieces import AddsToOutput, ChangesInputs, DeltaPiece
 from ..core.registry import register
-from ..core.targets import layer_index
+from ..core.targets import LINEAR_TYPES, layer_index, named_base_modules
+from ..core.weights import features
 
 # Per architecture: the module whose output is each sublayer's output (before the
 # residual add), and where the sublayer's input is seen: "<module>" (its input) or
@@ -115,19 +116,32 @@ class _Slot:
     value = None
 
 
-class InputTap(DeltaPiece):
-    """Records the input (or output) of a module for a parallel adapter further on; changes nothing."""
+class InputTap(ChangesInputs):
+    """Records a module's input for a parallel adapter further on, before the module runs (the
+    adapter may sit inside it: BART's out_proj in self_attn); changes nothing."""
 
-    def __init__(self, slot: _Slot, use_output: bool):
+    def __init__(self, slot: _Slot):
         super().__init__()
-        self.slot, self.use_output = slot, use_output
+        self.slot = slot
+
+    def change_inputs(self, args, kwargs):
+        self.slot.value = first_input(args, kwargs)
+        return args, kwargs
+
+
+class OutputTap(AddsToOutput):
+    """Records a module's output (e.g. a LayerNorm's) for a parallel adapter further on; changes nothing."""
+
+    def __init__(self, slot: _Slot):
+        super().__init__()
+        self.slot = slot
 
     def forward(self, x, out, base_layer):
-        self.slot.value = _first(out) if self.use_output else x
+        self.slot.value = _first(out)
         return out
 
 
-class AdapterPiece(DeltaPiece):
+class AdapterPiece(AddsToOutput):
     """A bottleneck adapter at one module: serial reads the module's output, parallel the sublayer input."""
 
     def __init__(self, hidden, bottleneck, non_linearity="relu", scaling=1.0, dropout=0.0, serial=True,
@@ -195,7 +209,7 @@ class NICECoupling(nn.Module):
         return torch.cat([y1 - self.F(x2), x2], dim=-1)
 
 
-class InvertibleInput(DeltaPiece):
+class InvertibleInput(AddsToOutput):
     """The invertible adapter on the input embeddings' output. Where the embeddings are used at
     several places (T5's encoder and decoder), the first piece owns the coupling, the others share it."""
 
@@ -213,16 +227,20 @@ class InvertibleInput(DeltaPiece):
         return c(out.to(c.F[0].weight.dtype)).to(out.dtype)
 
 
-class InvertibleOutput(DeltaPiece):
+class InvertibleOutput(ChangesInputs):
     """Its inverse on the output embeddings' input; the coupling is saved once, with the input piece."""
 
     def __init__(self, source: InvertibleInput):
         super().__init__()
         self._source = [source]
 
-    def forward(self, x, out, base_layer):
-        c = self._source[0]._coupling()
-        return base_layer(c.inverse(x.to(c.F[0].weight.dtype)).to(x.dtype))
+    def change_inputs(self, args, kwargs):
+        c, x = self._source[0]._coupling(), first_input(args, kwargs)
+        y = c.inverse(x.to(c.F[0].weight.dtype)).to(x.dtype)
+        if args:
+            return (y, *args[1:]), kwargs
+        first = next(iter(kwargs))
+        return args, {**kwargs, first: y}
 
 
 # -- where the adapters go --------------------------------------------------------
@@ -242,13 +260,8 @@ def module_map(model: nn.Module, config: AdapterConfig) -> dict[str, str]:
 
 
 def _base_paths(model):
-    """Module paths of the base model (a DeltaLayer counts as the module it wraps)."""
-    out = {}
-    for path, mod in model.named_modules(remove_duplicate=False):
-        if ".deltas." in path + "." or path.endswith(".base_layer") or ".base_layer." in path:
-            continue
-        out[path] = mod.base_layer if isinstance(mod, DeltaLayer) else mod
-    return out
+    """{path: base module}, a shared module at each of its paths (T5's embeddings)."""
+    return dict(named_base_modules(model, remove_duplicate=False))
 
 
 def _layer_modules(model):
@@ -272,15 +285,11 @@ def _sublayers(model, suffix: str, layers):
 
 
 def _out_dim(mod, hidden):
-    if isinstance(mod, nn.Linear):
-        return mod.out_features
-    return mod.weight.shape[1] if isinstance(mod, Conv1D) else hidden
+    return features(mod)[1] if isinstance(mod, LINEAR_TYPES) else hidden
 
 
 def _in_dim(mod, hidden):
-    if isinstance(mod, nn.Linear):
-        return mod.in_features
-    return mod.weight.shape[0] if isinstance(mod, Conv1D) else hidden
+    return features(mod)[0] if isinstance(mod, LINEAR_TYPES) else hidden
 
 
 def build(model: nn.Module, config: AdapterConfig) -> dict[str, DeltaPiece]:
@@ -330,21 +339,19 @@ def _place(model, modules, config, part, names, prefix, path, hidden):
     src = modules[src_path]
     slot = _Slot()
     in_f = _out_dim(src, hidden) if use_output else _in_dim(src, hidden)
-    return {src_path: InputTap(slot, use_output),
+    return {src_path: OutputTap(slot) if use_output else InputTap(slot),
             path: AdapterPiece(dim, config.size(dim), serial=False, in_features=in_f, slot=slot, **common)}
 
 
 def _invertible(model, modules, config, hidden):
-    emb = model.get_input_embeddings()
-    emb = getattr(emb, "base_layer", emb)
+    emb = unwrap(model.get_input_embeddings())
     # every embedding module holding the input embedding weight (T5: shared, encoder's and decoder's)
     paths = [p for p, m in modules.items() if isinstance(m, nn.Embedding) and m.weight is emb.weight]
     owner = InvertibleInput(emb.embedding_dim, config.non_linearity)
     out = {p: owner if i == 0 else InvertibleInput(emb.embedding_dim, config.non_linearity, owner)
            for i, p in enumerate(paths)}
     get_out = getattr(model, "get_output_embeddings", None)
-    head = get_out() if callable(get_out) else None
-    head = getattr(head, "base_layer", head)
+    head = unwrap(get_out()) if callable(get_out) else None
     head_paths = [p for p, m in modules.items() if head is not None and m is head]
     for p in head_paths:
         out[p] = InvertibleOutput(owner)
@@ -360,6 +367,9 @@ class FusionConfig(DeltaConfig):
     adapters: list[str] = field(default_factory=list, metadata={
         "help": "names of the attached adapter deltas to fuse (attach or load them first)"})
     temperature: float = field(default=1.0, metadata={"help": "softmax temperature of the fusion attention"})
+    freeze_adapters: bool = field(default=True, metadata={
+        "help": "AdapterFusion trains the fusion (and its task head) on top of frozen adapters: adding this "
+                "delta freezes the fused adapters (set_trainable(name, True) undoes it)"})
 
     def __post_init__(self):
         if len(self.adapters) < 1:
@@ -369,8 +379,11 @@ class FusionConfig(DeltaConfig):
         if not self.temperature > 0:
             raise ConfigError(f"FusionConfig temperature must be > 0, got {self.temperature}.")
 
+    def frozen_deltas(self) -> list[str]:
+        return list(self.adapters) if self.freeze_adapters else []
 
-class FusionPiece(DeltaPiece):
+
+class FusionPiece(AddsToOutput):
     """Attention over adapter outputs (Pfeiffer et al. 2021): query = the sublayer output,
     keys and values = each adapter's added term; value starts as the identity."""
 
@@ -410,13 +423,6 @@ def build_fusion(model: nn.Module, config: FusionConfig) -> dict[str, DeltaPiece
     if missing:
         raise ConfigError(f"AdapterFusion needs the adapters {missing} attached before the fusion: "
                           "add_delta/load_delta them (AdapterConfig) first, then add the FusionConfig.")
-    # AdapterFusion trains the fusion (and its task head) on top of frozen adapters: freeze every
-    # piece of the fused deltas (their task-head copies too); set_trainable(name, True) undoes it
-    for mod in model.modules():
-        if isinstance(mod, DeltaLayer):
-            for n in config.adapters:
-                if n in mod.deltas:
-                    mod.deltas[n].requires_grad_(False)
     return pieces
 
 

@@ -9,13 +9,13 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-from transformers.pytorch_utils import Conv1D
 
 from ..core.config import DeltaConfig
 from ..core.errors import ConfigError
-from ..core.layer import DeltaPiece
+from ..core.pieces import AddsToOutput, DeltaPiece
 from ..core.registry import register
 from ..core.targets import LINEAR_TYPES, find_targets, named_base_modules, output_head_names
+from ..core.weights import features
 
 
 @dataclass
@@ -25,10 +25,8 @@ class BitFitConfig(DeltaConfig):
     add_missing: bool = field(default=False, metadata={
         "help": "models without biases (Llama): add zero-initialised biases to every linear layer"})
 
-    mergeable = True
 
-
-class BiasDelta(DeltaPiece):
+class BiasDelta(AddsToOutput):
     mergeable = True
 
     def __init__(self, size: int, like: torch.Tensor):
@@ -43,9 +41,7 @@ class BiasDelta(DeltaPiece):
 
 
 def _out_features(mod):
-    if isinstance(mod, Conv1D):
-        return mod.weight.shape[1]
-    return mod.weight.shape[0]
+    return features(mod)[1]
 
 
 def build(model: nn.Module, config: BitFitConfig) -> dict[str, DeltaPiece]:

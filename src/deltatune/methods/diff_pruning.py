@@ -36,13 +36,15 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers.pytorch_utils import Conv1D
 
 from ..core.config import DeltaConfig
 from ..core.errors import ConfigError, IncompatibleDeltaError
-from ..core.layer import DeltaPiece
+from ..core.model import default_loss
+from ..core.pieces import AddsToOutput, DeltaPiece
+from ..core.layer import unwrap
 from ..core.registry import register
 from ..core.targets import find_targets
+from ..core.weights import oriented, stores_transposed, weight_out_in
 
 
 @dataclass
@@ -66,8 +68,6 @@ class DiffPruningConfig(DeltaConfig):
     stretch: list[float] = field(default_factory=lambda: [-1.5, 1.5], metadata={
         "help": "hard-concrete stretch interval (l, r), l < 0 < 1 < r"})
 
-    mergeable = True
-
     def __post_init__(self):
         if not 0.0 < self.density <= 1.0:
             raise ConfigError(f"DiffPruningConfig density must be in (0, 1], got {self.density} "
@@ -79,7 +79,7 @@ class DiffPruningConfig(DeltaConfig):
             raise ConfigError("DiffPruningConfig temperature and gate_scale must be > 0.")
 
 
-class DiffLinear(DeltaPiece):
+class DiffLinear(AddsToOutput):
     """The diff of one Linear / GPT-2 Conv1D weight, kept in (out, in) orientation.
 
     Before `project`: parameters `diff` (out, in) and `gate` ((out, in), or (out, 1)
@@ -91,9 +91,9 @@ class DiffLinear(DeltaPiece):
 
     def __init__(self, base_layer, config: DiffPruningConfig):
         super().__init__()
-        self.fan_in_fan_out = isinstance(base_layer, Conv1D)
+        self.fan_in_fan_out = stores_transposed(base_layer)
         w = base_layer.weight
-        self.shape = tuple(w.T.shape if self.fan_in_fan_out else w.shape)
+        self.shape = tuple(weight_out_in(base_layer).shape)
         self.structured = config.structured
         self.lo, self.hi = (float(v) for v in config.stretch)
         self.beta, self.gate_scale = float(config.temperature), float(config.gate_scale)
@@ -162,7 +162,7 @@ class DiffLinear(DeltaPiece):
 
     def merge_deltas(self, base_layer):
         d = self.fixed_delta().detach()
-        return {"weight": d.T if self.fan_in_fan_out else d}
+        return {"weight": oriented(d, self.fan_in_fan_out)}
 
     # -- projection ----------------------------------------------------------------
     def scores(self, delta: torch.Tensor | None = None) -> torch.Tensor:
@@ -220,8 +220,7 @@ def _index_tensor(idx: torch.Tensor, numel: int) -> torch.Tensor:
 def build(model: nn.Module, config: DiffPruningConfig) -> dict[str, DeltaPiece]:
     pieces = {}
     for path in find_targets(model, config.targets, config.layers):
-        base = model.get_submodule(path)
-        pieces[path] = DiffLinear(getattr(base, "base_layer", base), config)
+        pieces[path] = DiffLinear(unwrap(model.get_submodule(path)), config)
     return pieces
 
 
@@ -260,9 +259,7 @@ def with_l0_penalty(loss_fn=None, names=None):
     """A Trainer loss_fn: the task loss (default: the model's own) plus l0_penalty.
 
     Trainer(model, cfg, data, loss_fn=with_l0_penalty())"""
-    if loss_fn is None:
-        from ..train.loop import default_loss
-        loss_fn = default_loss
+    loss_fn = loss_fn or default_loss
 
     def loss(model, batch):
         plain = getattr(model, "module", model)  # DDP wraps the DeltaModel

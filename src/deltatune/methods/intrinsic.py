@@ -27,14 +27,14 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers.pytorch_utils import Conv1D
 
 from ..core.config import DeltaConfig
 from ..core.errors import ConfigError, IncompatibleDeltaError
-from ..core.layer import DeltaPiece
-from ..core.model import MODEL_LEVEL, ModelPiece
+from ..core.layer import unwrap
+from ..core.pieces import MODEL_LEVEL, AddsToOutput, ModelPiece
 from ..core.registry import register
 from ..core.targets import find_targets
+from ..core.weights import oriented, stores_transposed
 
 DENSE_LIMIT = 2 ** 27  # entries of a dense P (512 MB of float32) before we refuse
 
@@ -51,8 +51,6 @@ class IntrinsicConfig(DeltaConfig):
         "help": "module-name suffixes, a regex on the full path, or 'all-linear' (all but the output head)"})
     layers: list[int] | None = field(default=None, metadata={"help": "only these layer indices"})
     bias: bool = field(default=True, metadata={"help": "the targeted modules' biases move too"})
-
-    mergeable = True
 
     def __post_init__(self):
         if self.projection not in ("fastfood", "dense"):
@@ -186,7 +184,7 @@ class IntrinsicVector(ModelPiece):
                 self.said_lambda.copy_(state["intrinsic.said_lambda"])
 
 
-class IntrinsicLinear(DeltaPiece):
+class IntrinsicLinear(AddsToOutput):
     """theta_i - theta0_i = (lambda_i) P_i theta_d for one Linear / Conv1D (weight, bias)."""
 
     mergeable = True
@@ -196,7 +194,7 @@ class IntrinsicLinear(DeltaPiece):
         self._vector = [vector]  # shared, not a submodule: its parameters belong to the model-level piece
         self.index = index
         self.projection = projection
-        self.fan_in_fan_out = isinstance(base_layer, Conv1D)
+        self.fan_in_fan_out = stores_transposed(base_layer)
         self.weight_shape = tuple(base_layer.weight.shape)
         self.bias_size = base_layer.bias.numel() if bias and base_layer.bias is not None else 0
         self._cache = None
@@ -229,7 +227,7 @@ class IntrinsicLinear(DeltaPiece):
 
     def forward(self, x, out, base_layer):
         d = self.deltas()
-        w = d["weight"].T if self.fan_in_fan_out else d["weight"]
+        w = oriented(d["weight"], self.fan_in_fan_out)
         return out + F.linear(x.to(w.dtype), w, d.get("bias")).to(out.dtype)
 
     def merge_deltas(self, base_layer):
@@ -246,7 +244,7 @@ class IntrinsicLinear(DeltaPiece):
 
 def build(model: nn.Module, config: IntrinsicConfig):
     paths = find_targets(model, config.targets, config.layers)
-    bases = [getattr(model.get_submodule(p), "base_layer", model.get_submodule(p)) for p in paths]
+    bases = [unwrap(model.get_submodule(p)) for p in paths]
     if config.said and config.dim <= len(paths):
         raise ConfigError(f"IntrinsicConfig(said=True) spends {len(paths)} of dim={config.dim} entries on one "
                           f"scalar per wrapped module; choose dim > {len(paths)}.")

@@ -12,17 +12,20 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers.pytorch_utils import Conv1D
 
-from ..core.config import DeltaConfig
+from ..core.config import DeltaConfig, PeftConvertible
 from ..core.errors import ConfigError
-from ..core.layer import DeltaLayer, DeltaPiece
+from ..core.layer import unwrap
+from ..core.pieces import AddsToOutput, DeltaPiece
 from ..core.registry import register
-from ..core.targets import find_targets
+from ..core.targets import LINEAR_TYPES, find_targets
+from ..core.weights import oriented, stores_transposed
 
 
 @dataclass
-class LoRAConfig(DeltaConfig):
+class LoRAConfig(DeltaConfig, PeftConvertible):
+    peft_type = "LORA"
+
     r: int = field(default=8, metadata={"help": "rank of the update B A"})
     alpha: float = field(default=16, metadata={"help": "scale numerator: the update is (alpha/r) B A"})
     dropout: float = field(default=0.0, metadata={"help": "dropout on the LoRA branch's input"})
@@ -33,8 +36,6 @@ class LoRAConfig(DeltaConfig):
     alpha_pattern: dict[str, float] | None = field(default=None, metadata={"help": "{module regex: alpha}"})
     use_rslora: bool = field(default=False, metadata={"help": "scale alpha/sqrt(r) (Kalajdzievski 2023)"})
     use_dora: bool = field(default=False, metadata={"help": "weight-decomposed LoRA (Liu et al. 2024)"})
-
-    mergeable = True
 
     def __post_init__(self):
         if int(self.r) < 1:
@@ -48,7 +49,7 @@ class LoRAConfig(DeltaConfig):
         return int(r), (alpha / math.sqrt(r) if self.use_rslora else alpha / r)
 
     # -- PEFT's adapter_config.json ------------------------------------------
-    def to_file_dict(self) -> dict:
+    def to_peft_dict(self) -> dict:
         return {
             "peft_type": "LORA", "task_type": None, "inference_mode": True, "bias": "none",
             "r": self.r, "lora_alpha": self.alpha, "lora_dropout": self.dropout,
@@ -81,14 +82,14 @@ def _pattern_value(pattern, path, default):
     return default
 
 
-class LoRALinear(DeltaPiece):
+class LoRALinear(AddsToOutput):
     """LoRA on an nn.Linear or a GPT-2 Conv1D (weight stored transposed)."""
 
     mergeable = True
 
     def __init__(self, base_layer, r, scale, dropout=0.0, use_dora=False):
         super().__init__()
-        self.fan_in_fan_out = isinstance(base_layer, Conv1D)
+        self.fan_in_fan_out = stores_transposed(base_layer)
         out_f, in_f = self._weight(base_layer).shape
         self.lora_A = nn.Linear(in_f, r, bias=False)
         self.lora_B = nn.Linear(r, out_f, bias=False)
@@ -103,8 +104,7 @@ class LoRALinear(DeltaPiece):
             self.lora_magnitude_vector = nn.Parameter(norm.to(self._weight(base_layer).dtype))
 
     def _weight(self, base_layer):
-        w = base_layer.weight
-        return w.T if self.fan_in_fan_out else w
+        return oriented(base_layer.weight, self.fan_in_fan_out)
 
     def update(self):
         return self.lora_B.weight @ self.lora_A.weight * self.scale
@@ -130,10 +130,10 @@ class LoRALinear(DeltaPiece):
             new = weight + delta
             new = (self.lora_magnitude_vector / torch.linalg.norm(new, dim=1)).view(-1, 1) * new
             delta = new - weight
-        return {"weight": delta.T if self.fan_in_fan_out else delta}
+        return {"weight": oriented(delta, self.fan_in_fan_out)}
 
 
-class LoRAEmbedding(DeltaPiece):
+class LoRAEmbedding(AddsToOutput):
     """LoRA on an nn.Embedding: A is looked up by token id, then projected by B."""
 
     mergeable = True
@@ -160,9 +160,8 @@ class LoRAEmbedding(DeltaPiece):
 
 def build(model: nn.Module, config: LoRAConfig) -> dict[str, DeltaPiece]:
     pieces = {}
-    for path in find_targets(model, config.targets, config.layers, types=(nn.Linear, Conv1D, nn.Embedding)):
-        base = model.get_submodule(path)
-        base = base.base_layer if isinstance(base, DeltaLayer) else base
+    for path in find_targets(model, config.targets, config.layers, types=(*LINEAR_TYPES, nn.Embedding)):
+        base = unwrap(model.get_submodule(path))
         r, scale = config.for_module(path)
         if isinstance(base, nn.Embedding):
             if config.use_dora:
@@ -176,4 +175,4 @@ def build(model: nn.Module, config: LoRAConfig) -> dict[str, DeltaPiece]:
     return pieces
 
 
-register("lora", LoRAConfig, build, peft_type="LORA")
+register("lora", LoRAConfig, build)

@@ -20,18 +20,20 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..core.config import DeltaConfig
+from ..core.config import DeltaConfig, PeftConvertible
 from ..core.errors import ConfigError
-from ..core.model import MODEL_LEVEL, ModelPiece
+from ..core.pieces import MODEL_LEVEL, ModelPiece
 from ..core.registry import register
-from .prompt_tuning import (PEFT_PROMPT_ROOT, InputLayout, cached_length, check_padding, fit_embeds_to_mask,
+from .model_inputs import (PEFT_PROMPT_ROOT, InputLayout, cached_length, check_padding, fit_embeds_to_mask,
                             input_embeddings, nested_config, prepend_prompts)
 
 MARK = "[P]"
 
 
 @dataclass
-class PTuningConfig(DeltaConfig):
+class PTuningConfig(DeltaConfig, PeftConvertible):
+    peft_type = "P_TUNING"
+
     template: str = field(default=MARK * 8 + " {text}", metadata={
         "help": "text with [P] where prompt vectors go and {field} for example fields; the rest are anchor tokens"})
     encoder: str = field(default="lstm", metadata={"help": "prompt encoder: lstm (BiLSTM + MLP head) or mlp"})
@@ -55,7 +57,7 @@ class PTuningConfig(DeltaConfig):
         return self.template.count(MARK)
 
     # -- PEFT's adapter_config.json (PEFT prepends; equal outputs for inputs without markers) --
-    def to_file_dict(self) -> dict:
+    def to_peft_dict(self) -> dict:
         return {"peft_type": "P_TUNING", "task_type": None, "inference_mode": True,
                 "num_virtual_tokens": self.num_virtual_tokens, "token_dim": None, "num_transformer_submodules": 1,
                 "num_attention_heads": None, "num_layers": None, "encoder_reparameterization_type":
@@ -217,4 +219,4 @@ def build(model: nn.Module, config: PTuningConfig) -> dict:
     return {MODEL_LEVEL: PromptEncoder(model, config)}
 
 
-register("p_tuning", PTuningConfig, build, peft_type="P_TUNING")
+register("p_tuning", PTuningConfig, build)

@@ -14,17 +14,20 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from ..core.config import DeltaConfig
+from ..core.config import DeltaConfig, PeftConvertible
 from ..core.errors import ConfigError
 from ..core.model import DeltaModel, attach
 from ..core.registry import register
 from .prefix import build as build_kv
 from .prefix import peft_prefix_dict
-from .prompt_tuning import nested_config
+from .model_inputs import nested_config
 
 
 @dataclass
-class PTuningV2Config(DeltaConfig):
+class PTuningV2Config(DeltaConfig, PeftConvertible):
+    peft_type = "PREFIX_TUNING"  # written as PEFT prefix files, which load through prefix (then as this config)
+    peft_loader = False
+
     num_virtual_tokens: int = field(default=16, metadata={"help": "prompt length in every layer"})
     dropout: float = field(default=0.1, metadata={"help": "dropout on the prompt vectors during training "
                                                           "(the reference code uses the model's hidden dropout)"})
@@ -38,7 +41,7 @@ class PTuningV2Config(DeltaConfig):
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}.")
 
-    def to_file_dict(self) -> dict:
+    def to_peft_dict(self) -> dict:
         return peft_prefix_dict(self)
 
     @classmethod

@@ -54,7 +54,8 @@ def build_partial(model: nn.Module, config: PartialConfig):
     paths = [p for p in dict.fromkeys(paths) if not any(p.startswith(q + ".") for q in paths)]
     if not paths and not config.modules_to_save:
         raise ConfigError("PartialConfig selects nothing to train: give targets=[...], last_k_layers=k or norms=True.")
-    named = dict(named_base_modules(model))
+    # wrappers too: TrainableCopy copies the module they wrap and refuses one with merged deltas
+    named = dict(named_base_modules(model, wrapped=True))
     return {p: TrainableCopy(named[p]) for p in paths}
 
 
@@ -66,8 +67,9 @@ def _is_norm(module: nn.Module) -> bool:
 def build_full(model: nn.Module, config: FullConfig):
     # copy all top-level children with one memo so tied weights (embeddings / LM head) stay tied
     memo: dict = {}
-    return {name: TrainableCopy(child, memo) for name, child in model.named_children()
-            if any(True for _ in child.parameters())}
+    base, wrapped = dict(named_base_modules(model)), dict(named_base_modules(model, wrapped=True))
+    return {name: TrainableCopy(wrapped[name], memo) for name, _ in model.named_children()
+            if name in base and any(True for _ in base[name].parameters())}
 
 
 register("partial", PartialConfig, build_partial)

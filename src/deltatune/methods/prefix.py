@@ -29,20 +29,23 @@ import torch
 from torch import nn
 from transformers import DynamicCache, EncoderDecoderCache
 
-from ..core.config import DeltaConfig
+from ..core.config import DeltaConfig, PeftConvertible
 from ..core.errors import ConfigError
 from ..core.hf_cache import CACHE_KWARG, cache_kwarg, get_cache, set_cache
-from ..core.layer import DeltaLayer, DeltaPiece
-from ..core.model import MODEL_LEVEL, ModelPiece
+from ..core.layer import unwrap
+from ..core.pieces import MODEL_LEVEL, ChangesInputs, ModelPiece
 from ..core.registry import register
-from .prompt_tuning import PEFT_PROMPT_ROOT, InputLayout, fit_embeds_to_mask, nested_config, widen_mask
+from ..core.targets import named_base_modules
+from .model_inputs import PEFT_PROMPT_ROOT, InputLayout, fit_embeds_to_mask, nested_config, widen_mask
 
 KEY_PROJECTIONS = ("k_proj", "key", "k", "c_attn")
 CROSS_NAMES = ("EncDecAttention", "encoder_attn", "crossattention")
 
 
 @dataclass
-class PrefixConfig(DeltaConfig):
+class PrefixConfig(DeltaConfig, PeftConvertible):
+    peft_type = "PREFIX_TUNING"
+
     num_virtual_tokens: int = field(default=20, metadata={"help": "prefix length (per layer, per site)"})
     reparam: bool = field(default=True, metadata={
         "help": "train the prefixes through an MLP (Li & Liang); only the resulting prefixes are saved"})
@@ -62,7 +65,7 @@ class PrefixConfig(DeltaConfig):
     def use_reparam(self) -> bool:
         return bool(self.reparam)
 
-    def to_file_dict(self) -> dict:
+    def to_peft_dict(self) -> dict:
         return peft_prefix_dict(self)
 
     @classmethod
@@ -108,10 +111,7 @@ def attention_modules(model) -> list[tuple[str, str, int]]:
     """(path, site, layer index) of every attention module that keeps keys and values."""
     enc_dec = bool(getattr(model.config, "is_encoder_decoder", False))
     found = []
-    for path, mod in model.named_modules():
-        if {"base_layer", "deltas"} & set(path.split(".")):
-            continue  # the inside of a DeltaLayer: the module itself is listed at the wrapper's path
-        base = mod.base_layer if isinstance(mod, DeltaLayer) else mod
+    for path, base in named_base_modules(model):
         if not isinstance(getattr(base, "layer_idx", None), int):
             continue
         if not any(isinstance(getattr(base, k, None), nn.Module) for k in KEY_PROJECTIONS):
@@ -171,6 +171,8 @@ class PrefixTable(nn.Module):
 class KVPrefix(ModelPiece):
     """Model-level part of a prefix delta: holds the tables, fills caches, widens masks."""
 
+    exclusive = "attention-cache prefix"  # set_active refuses a second active prefix delta
+
     def __init__(self, model, config, sites: list[Site]):
         super().__init__()
         self.layout = InputLayout(model)
@@ -211,10 +213,6 @@ class KVPrefix(ModelPiece):
         return self._prepare(model, kwargs, generating=True), None
 
     def _prepare(self, model, kwargs, generating):
-        others = [p for n, p in model.model_pieces.items() if n in model.active_names and isinstance(p, KVPrefix)]
-        if len(others) > 1:
-            raise ConfigError("Only one prefix / P-tuning v2 delta can be active at a time; activate one with "
-                              "set_active(name).")
         batch, length, dtype = _input_size(model.base_model, kwargs)
         expand = _expand_size(model.base_model, kwargs) if generating else 1
         name = CACHE_KWARG if generating else cache_kwarg(model.base_model)
@@ -273,25 +271,24 @@ class KVPrefix(ModelPiece):
                                       num_layers=s.layers, encoder_hidden_size=s.heads * s.head_dim)
 
 
-class PrefixAttention(DeltaPiece):
-    """Wraps one attention module: gives it its layer's prefix as a one-layer cache when the
+class PrefixAttention(ChangesInputs):
+    """At one attention module: hands it its layer's prefix as a one-layer cache when the
     model passes none (T5 encoder, gradient-checkpointed layers). Holds no parameters."""
-
-    replaces_base = True
 
     def __init__(self, source: KVPrefix, site: str, layer: int, base_layer: nn.Module):
         super().__init__()
         self.site, self.layer = site, layer
-        self._refs = (source, base_layer)  # a tuple is not registered: no second copy of either module
+        self._source = (source,)  # a tuple is not registered: no second copy of the model-level piece
         self.cache_kwarg = cache_kwarg(base_layer)
 
-    def forward(self, *args, **kwargs):
-        source, base = self._refs
-        if get_cache(kwargs) is None:
-            hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-            k, v = source.layer_kv(source.table(self.site), self.site, self.layer, hidden.shape[0], hidden.dtype)
-            set_cache(kwargs, DynamicCache([(None, None)] * self.layer + [(k, v)]), self.cache_kwarg)
-        return base(*args, **kwargs)
+    def change_inputs(self, args, kwargs):
+        if get_cache(kwargs) is not None:
+            return args, kwargs
+        source, kwargs = self._source[0], dict(kwargs)
+        hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+        k, v = source.layer_kv(source.table(self.site), self.site, self.layer, hidden.shape[0], hidden.dtype)
+        set_cache(kwargs, DynamicCache([(None, None)] * self.layer + [(k, v)]), self.cache_kwarg)
+        return args, kwargs
 
 
 def _prefix_past(cache) -> int | None:
@@ -350,8 +347,7 @@ def build(model: nn.Module, config, peft_layout: bool = False) -> dict:
         source.file_key_root = PEFT_PROMPT_ROOT
     pieces = {MODEL_LEVEL: source}
     for path, site, layer in found:
-        mod = model.get_submodule(path)
-        pieces[path] = PrefixAttention(source, site, layer, mod.base_layer if isinstance(mod, DeltaLayer) else mod)
+        pieces[path] = PrefixAttention(source, site, layer, unwrap(model.get_submodule(path)))
     return pieces
 
 
@@ -359,4 +355,4 @@ def build_prefix(model: nn.Module, config: PrefixConfig) -> dict:
     return build(model, config, peft_layout=True)
 
 
-register("prefix", PrefixConfig, build_prefix, peft_type="PREFIX_TUNING")
+register("prefix", PrefixConfig, build_prefix)

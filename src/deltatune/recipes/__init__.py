@@ -16,52 +16,13 @@ name, an options dataclass (the YAML `recipe:` mapping) and `run(cfg) -> results
 """
 from __future__ import annotations
 
-import importlib
-from dataclasses import dataclass
-from typing import Callable
-
-from ..core.errors import ConfigError, did_you_mean
-
-MODULES = ["task", "adaptive", "intermediate", "multitask", "joint", "pet", "instruction", "ipt", "robust"]
-
-
-@dataclass(frozen=True)
-class Recipe:
-    name: str
-    options: type             # dataclass of the recipe's own options
-    run: Callable             # run(cfg: RunConfig) -> results dict
-    evaluate: Callable | None = None  # evaluate(cfg, delta_dir) -> metrics (deltatune eval)
-
-
-RECIPES: dict[str, Recipe] = {}
-
-
-def register_recipe(name: str, options: type, run: Callable, evaluate: Callable | None = None) -> None:
-    RECIPES[name] = Recipe(name, options, run, evaluate)
-
-
-def _load():
-    for m in MODULES:
-        importlib.import_module(f"{__name__}.{m}")
-
-
-def get_recipe(name: str) -> Recipe:
-    _load()
-    if name not in RECIPES:
-        raise ConfigError(f"Unknown recipe {name!r}.{did_you_mean(name, RECIPES)} Recipes: {', '.join(RECIPES)}.")
-    return RECIPES[name]
-
-
-def recipe_names() -> list[str]:
-    _load()
-    return list(RECIPES)
+from .registry import RECIPES, Recipe, get_recipe, recipe_names, register_recipe
+from . import task, adaptive, intermediate, multitask, joint, pet, instruction, ipt, robust  # noqa: F401,E402
+from .common import save_run_config, write_results  # noqa: E402
 
 
 def run(cfg) -> dict:
     """Run the recipe a RunConfig names; writes run.yaml and results.json in output_dir."""
-    from .common import write_results
-    from ..config_file import save_run_config
-
     save_run_config(cfg, f"{cfg.output_dir}/run.yaml")
     results = get_recipe(cfg.recipe).run(cfg)
     write_results(cfg.output_dir, results)

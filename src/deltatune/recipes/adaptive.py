@@ -14,12 +14,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..compose import Stack
-from ..core.config import config_from_dict
+from ..core.registry import config_from_dict
 from ..core.errors import ConfigError
 from ..core.model import DeltaModel, attach
 from ..data.sources import DataConfig, load_examples
 from ..data.tasks import TaskConfig
-from . import register_recipe
+from .registry import register_recipe
 from .common import (body_config, carry_delta, check_train_changes, evaluate_task, fit, for_task, lm_objective,
                      load_body_delta, load_data, load_tokenizer, phase_config, save_final, task_job, texts_of)
 

@@ -11,11 +11,15 @@ from typing import Any, Callable
 
 import torch
 
-from ..core.errors import ConfigError
-from ..core.io import atomic_write
+import yaml
+from transformers import AutoConfig
+
+from ..core.errors import ConfigError, did_you_mean
+from ..core.files import by_piece, config_from_file
+from ..core.io import atomic_write, read_delta
 from ..core.model import DeltaModel, attach
 from ..core.targets import output_head_names
-from ..data.models import load_model, load_tokenizer
+from ..data.models import load_model, load_tokenizer, resolve_path
 from ..data.sources import DataConfig, load_examples
 from ..data.tasks import TaskConfig, auto_class, encode_labels, label_names, task_type
 from ..train import TrainConfig, Trainer, default_loss
@@ -163,6 +167,12 @@ def save_final(model, output_dir, sub="final") -> str:
     return str(path)
 
 
+def save_run_config(cfg, path) -> None:
+    """run.yaml: the run's whole config (`RunConfig.to_dict()`), as `deltatune train` reads it."""
+    text = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+    atomic_write(Path(path), lambda t: Path(t).write_text(text))
+
+
 def write_results(output_dir, results: dict) -> None:
     text = json.dumps(results, indent=2, default=_json_default)
     atomic_write(Path(output_dir) / "results.json", lambda t: Path(t).write_text(text))
@@ -186,7 +196,6 @@ def evaluate_task(cfg, delta_dir) -> dict:
 
 def check_train_changes(changes: dict, where: str) -> dict:
     """Validate a partial TrainConfig (a phase's own epochs/lr/...) at config time."""
-    from ..core.errors import did_you_mean
     names = {f.name for f in dataclasses.fields(TrainConfig)} - {"output_dir"}
     for k in changes or {}:
         if k not in names:
@@ -201,9 +210,7 @@ def lm_objective(cfg, tokenizer, objective: str = "auto") -> str:
         if objective not in ("masked_lm", "causal_lm"):
             raise ConfigError(f"objective must be auto, masked_lm or causal_lm, got {objective!r}.")
         return objective
-    from transformers import AutoConfig
-    from ..data.models import resolve_path
-    arch = " ".join(AutoConfig.from_pretrained(resolve_path(cfg.model.path, weights=False)).architectures or [])
+    arch = " ".join(AutoConfig.from_pretrained(resolve_path(cfg.model.path, weights=False), local_files_only=True).architectures or [])
     if "CausalLM" in arch or "LMHead" in arch or tokenizer.mask_token is None:
         return "causal_lm"
     return "masked_lm"
@@ -220,15 +227,13 @@ def load_body_delta(base, path, name: str) -> DeltaModel:
     """Attach a saved delta's body part (not its heads) to `base` under `name`, frozen: the
     phase-1 delta of a two-phase recipe, loaded into the phase-2 (task) model. Module paths
     the file has no weights for keep their (identity) initialisation, as in `carry_delta`."""
-    from ..core.io import PREFIX, read_delta
-    from ..core.model import config_from_file
     cfg_dict, tensors = read_delta(path)
     model = base if isinstance(base, DeltaModel) else DeltaModel(base)
     model.add_delta(name, body_config(config_from_file(cfg_dict)), trainable=False)
-    for mpath, piece in model.pieces_of(name).items():
-        key = PREFIX + mpath + "." if mpath else ""
-        state = ({k[len(key):]: v for k, v in tensors.items() if k.startswith(key)} if key else
-                 {k: v for k, v in tensors.items() if not k.startswith(PREFIX)})
+    pieces = model.pieces_of(name)
+    grouped, _ = by_piece(tensors, pieces)  # the phase-1 heads have no piece here: their keys are left out
+    for mpath, piece in pieces.items():
+        state = grouped[mpath]
         if state:  # a module the phase-1 model lacked (a masked-LM BERT has no pooler) keeps its init,
             piece.load_file_state(state)  # exactly as carry_delta left it during training
     return model

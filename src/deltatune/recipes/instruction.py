@@ -19,9 +19,10 @@ from ..data.tasks import TaskConfig
 from ..data.text import IGNORE, Collator, chat_text, tokenize_sft
 from ..eval.evaluators import generate_texts, make_lm_eval
 from ..train.metrics import exact_match
-from . import register_recipe
+from .registry import register_recipe
 from .common import Job, build_base, fit, load_tokenizer, phase_config, save_final
-from ..core.model import attach
+from ..core.model import DeltaModel, attach
+from ..train.loop import make_accelerator
 
 
 @dataclass
@@ -166,9 +167,6 @@ def run(cfg) -> dict:
 def evaluate(cfg, delta_dir) -> dict:
     """A saved delta's zero-shot scores on the held-out tasks (`zero_shot_after` of run), and
     on the training tasks' evaluation rows too with `evaluate_seen`."""
-    from ..core.model import DeltaModel
-    from ..train.loop import make_accelerator
-
     tok, sft, seen, held, _, evals = instruction_setup(cfg)
     model = DeltaModel.from_pretrained(build_base(cfg, sft, tok), delta_dir)
     model.to(make_accelerator(cfg.train.mixed_precision, cfg.train.use_cpu).device)  # where run() scores it

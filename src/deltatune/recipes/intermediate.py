@@ -12,7 +12,7 @@ from ..core.errors import ConfigError
 from ..core.model import DeltaModel, attach
 from ..data.sources import DataConfig
 from ..data.tasks import TaskConfig
-from . import register_recipe
+from .registry import register_recipe
 from .common import (carry_delta, check_train_changes, evaluate_task, fit, for_task, load_body_delta, load_tokenizer,
                      phase_config, save_final, task_job)
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from ..core.errors import ConfigError
 from ..data.retrieval import SentenceEncoder, nearest_demonstrations
-from . import register_recipe
+from .registry import register_recipe
 from .common import fit, load_data, load_tokenizer, phase_config, save_final
 from .pet import PetOptions, cloze_job
 

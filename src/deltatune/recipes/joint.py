@@ -13,7 +13,7 @@ from ..core.errors import ConfigError
 from ..data.models import load_model
 from ..data.text import IGNORE, mask_tokens
 from ..eval.evaluators import model_inputs
-from . import register_recipe
+from .registry import register_recipe
 from .common import evaluate_task, fit, lm_objective, load_tokenizer, phase_config, save_final, task_job
 
 

@@ -16,13 +16,14 @@ import torch
 import torch.nn.functional as F
 
 from ..core.errors import ConfigError
-from ..core.model import DeltaModel, default_heads
+from ..core.heads import default_heads
+from ..core.model import DeltaModel
 from ..data.sources import DataConfig
 from ..data.tasks import TaskConfig
 from ..eval.evaluators import model_inputs
 from ..methods.partial import PartialConfig
 from ..train.metrics import classification_metrics
-from . import register_recipe
+from .registry import register_recipe
 from .common import (Job, body_config, build_base, featurize, fit, for_task, load_data, load_tokenizer,
                      phase_config, save_final)
 from ..data.text import Collator

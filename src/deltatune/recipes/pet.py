@@ -20,7 +20,7 @@ from ..core.errors import ConfigError
 from ..data.tasks import TaskConfig
 from ..data.text import Collator, chat_text
 from ..train.metrics import classification_metrics
-from . import register_recipe
+from .registry import register_recipe
 from .common import Job, build_base, fit, lm_objective, load_data, load_tokenizer, phase_config, save_final
 from ..core.model import DeltaModel, attach
 

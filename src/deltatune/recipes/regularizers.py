@@ -18,7 +18,9 @@ import contextlib
 import torch
 import torch.nn.functional as F
 
+from ..core.copy import TrainableCopy
 from ..core.errors import ConfigError
+from ..core.targets import output_head_names
 from ..eval.evaluators import model_inputs
 
 KINDS = ("none", "r3f", "r4f", "smart")
@@ -99,8 +101,6 @@ class SpectralNormHead:
     by its largest singular value, keeping the head 1-Lipschitz as spectral normalisation does."""
 
     def __init__(self, model):
-        from ..core.copy import TrainableCopy
-        from ..core.targets import output_head_names
         heads = output_head_names(model.base_model)
         self.weights = []
         for path, layer in model.delta_layers():

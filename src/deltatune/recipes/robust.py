@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..core.errors import ConfigError
-from . import register_recipe
+from .registry import register_recipe
 from .common import evaluate_task, for_task, load_data, load_tokenizer, phase_config, task_job
 from .regularizers import KINDS, SpectralNormHead, make_regularized_loss
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from . import register_recipe
+from .registry import register_recipe
 from .common import evaluate_task, fit, phase_config, save_final, task_job
 
 

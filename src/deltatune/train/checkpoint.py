@@ -4,9 +4,10 @@ A checkpoint is a directory `output_dir/checkpoints/checkpoint-<step>` holding
   delta/<name>/          every delta of the model in the delta file format
   model_state.safetensors  the exact training state: the deltas' parameters and buffers and any
                          other trainable parameter (all of a plain nn.Module's state)
-  optimizer.safetensors + optimizer.json, scheduler.json, scaler.json (fp16 only)
+  optimizer.safetensors + optimizer.json, scheduler.json
   rng-<rank>.json + rng-<rank>.safetensors   python, numpy, torch CPU and per-device RNG states
-  trainer_state.json     step, data position (epoch, micro-batch), early stopping, history
+  trainer_state.json     step, data position (epoch, micro-batch), early stopping, history,
+                         fp16's loss scale
 It is assembled in a temporary directory and renamed into place, so a directory
 named checkpoint-<step> is always complete, whenever the process is killed."""
 from __future__ import annotations
@@ -24,6 +25,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..core.errors import ConfigError, CorruptFileError
+from ..core.io import untied
 
 STATE_NAME = "trainer_state.json"
 ORDER_NAME = "order.json"  # delta/: the names in attach order
@@ -116,12 +118,7 @@ def save_model_state(model, directory: Path) -> None:
         # attach order: a delta that builds on others (a fusion on its adapters) is re-created after them
         (directory / "delta" / ORDER_NAME).write_text(json.dumps(list(model.configs)))
         state.update({n: p for n, p in model.named_parameters() if p.requires_grad and n not in state})
-    tensors, seen = {}, set()
-    for k, v in state.items():
-        v = v.detach().contiguous().cpu()
-        tensors[k] = v.clone() if v.data_ptr() in seen else v  # tied weights: one copy per key
-        seen.add(v.data_ptr())
-    save_file(tensors, str(directory / "model_state.safetensors"))
+    save_file(untied(state), str(directory / "model_state.safetensors"))
 
 
 def load_model_state(model, directory: Path) -> None:
@@ -232,8 +229,6 @@ def write_checkpoint(accelerator, output_dir, state: dict, model, optimizer, sch
             save_model_state(model, tmp)
         save_optimizer(optimizer, tmp)
         _write_json(tmp / "scheduler.json", scheduler.state_dict())
-        if accelerator.scaler is not None:
-            _write_json(tmp / "scaler.json", accelerator.scaler.state_dict())
         _write_json(tmp / STATE_NAME, state)  # last: its presence marks a complete checkpoint
         _fsync_tree(tmp)
         if final.exists():  # a fresh run reaching a step an earlier run had saved
@@ -264,6 +259,4 @@ def read_checkpoint(path: Path, accelerator, model, optimizer, scheduler) -> dic
     load_model_state(model, path)
     load_optimizer(optimizer, path)
     scheduler.load_state_dict(json.loads((path / "scheduler.json").read_text()))
-    if accelerator.scaler is not None and (path / "scaler.json").exists():
-        accelerator.scaler.load_state_dict(json.loads((path / "scaler.json").read_text()))
     return state

@@ -8,6 +8,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from ..core.io import atomic_write
+from ..extras import MissingExtraError, require
 
 METRICS_NAME = "metrics.jsonl"
 CURVES_NAME = "curves.png"
@@ -31,13 +32,14 @@ def truncate_jsonl(path: Path, size: int) -> None:
 
 
 def open_tensorboard(log_dir: Path, purge_step: int = 0):
-    """A SummaryWriter, or None when the optional tensorboard package is not installed."""
+    """A SummaryWriter, or None (with a warning naming the extra) when tensorboard is not installed."""
     try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
+        tensorboard = require("torch.utils.tensorboard", "plots", "TensorBoard logging", package="tensorboard")
+    except MissingExtraError as e:
+        warnings.warn(f"{e} (this run writes no tensorboard/ files; tensorboard=False skips them).")
         return None
     # purge_step drops events a killed run wrote after the checkpoint it resumes from
-    return SummaryWriter(str(log_dir), purge_step=purge_step or None)
+    return tensorboard.SummaryWriter(str(log_dir), purge_step=purge_step or None)
 
 
 class RunLog:
@@ -71,10 +73,10 @@ class RunLog:
 
 def plot_curves(history: list[dict], path: Path) -> Path | None:
     """Training loss (and evaluation loss) on the left, the other evaluation metrics on the right."""
-    try:
-        from matplotlib.figure import Figure  # no pyplot: the caller's backend is left alone (Agg canvas)
-    except ImportError:
-        warnings.warn("matplotlib is not installed: no curves.png (pip install matplotlib).")
+    try:  # matplotlib.figure, not pyplot: the caller's backend is left alone (Agg canvas)
+        Figure = require("matplotlib.figure", "plots", "Drawing curves.png", package="matplotlib").Figure
+    except MissingExtraError as e:
+        warnings.warn(f"{e} (this run writes no curves.png; plot=False skips it).")
         return None
     train = [(r["step"], r["loss"]) for r in history if "loss" in r]
     evals = [r for r in history if any(k.startswith("eval_") for k in r)]

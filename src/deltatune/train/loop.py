@@ -1,9 +1,10 @@
 """The one training loop. Recipes change its data, loss or schedule, never copy it.
 
 It runs on `accelerate`: one process on CPU or GPU, or several with DDP when started
-by `accelerate launch` / `torchrun`. The data order is a pure function of (seed,
-epoch) (batches.py) and every checkpoint holds the delta, optimizer, scheduler, RNG
-states and data position (checkpoint.py), so a killed run resumes exactly."""
+by `accelerate launch` / `torchrun`; mixed precision is the Trainer's own (precision.py).
+The data order is a pure function of (seed, epoch) (batches.py) and every checkpoint holds
+the delta, optimizer, scheduler, loss scale, RNG states and data position (checkpoint.py),
+so a killed run resumes exactly."""
 from __future__ import annotations
 
 import contextlib
@@ -18,20 +19,17 @@ import torch
 from torch.utils.data import DataLoader
 
 from ..core.errors import ConfigError
+from ..core.model import default_loss
 from . import checkpoint as ckpt
 from .batches import local_batches, steps_per_epoch
 from .config import TrainConfig
 from .logs import METRICS_NAME, RunLog, append_jsonl, jsonl_size, truncate_jsonl
 from .metrics import classification_metrics
+from .precision import make_precision
 
 # options that do not change what a run computes (a resumed run may change them freely)
 _COSMETIC = {"output_dir", "resume", "progress", "tensorboard", "plot", "num_workers", "keep_checkpoints",
              "checkpoint_every", "save"}
-
-
-def default_loss(model, batch):
-    """The model's own loss (HF models compute it from `labels`)."""
-    return model(**batch).loss
 
 
 def _has_accelerator() -> bool:
@@ -40,15 +38,19 @@ def _has_accelerator() -> bool:
 
 
 def make_accelerator(mixed_precision: str = "no", use_cpu: bool = False):
+    """An Accelerator for devices and processes. Its process-wide state keeps mixed_precision="no"
+    whatever `mixed_precision` says: each Trainer autocasts itself (precision.py), so Trainers with
+    different precisions share one accelerate state."""
     from accelerate import Accelerator
-    from accelerate.state import AcceleratorState
 
-    # accelerate keeps one process-wide state; a single-process run may switch precision between Trainers
-    if AcceleratorState._shared_state and AcceleratorState().mixed_precision != mixed_precision \
-            and AcceleratorState().num_processes == 1:
-        AcceleratorState._reset_state()
-    # cpu=True is what makes accelerate see torchrun's processes as a (gloo) group on a CPU-only machine
-    return Accelerator(mixed_precision=mixed_precision, cpu=use_cpu or not _has_accelerator())
+    try:
+        # cpu=True is what makes accelerate see torchrun's processes as a (gloo) group on a CPU-only machine
+        return Accelerator(mixed_precision="no", cpu=use_cpu or not _has_accelerator())
+    except ValueError as e:  # an Accelerator made earlier in this process fixed other options
+        raise ConfigError(f"accelerate refuses a second setup in this process ({e}). The deltatune Trainer needs "
+                          "accelerate's mixed_precision='no' (it applies TrainConfig.mixed_precision itself): "
+                          "create any earlier Accelerator without mixed precision, or train in a new "
+                          "process.") from None
 
 
 class Trainer:
@@ -69,9 +71,7 @@ class Trainer:
         self.eval_fn = eval_fn or evaluate_classification
         self.accelerator = make_accelerator(config.mixed_precision, config.use_cpu)
         self.device = self.accelerator.device
-        if config.mixed_precision == "fp16" and self.device.type == "cpu":
-            warnings.warn("mixed_precision='fp16' needs a GPU; on the CPU this run trains in float32 "
-                          "(mixed_precision='bf16' autocasts on CPUs).")
+        self.precision = make_precision(config.mixed_precision, self.device)
         if next(model.parameters()).device != self.device:
             model.to(self.device)
         self.out = Path(config.output_dir)
@@ -154,9 +154,7 @@ class Trainer:
         sched = self._scheduler(opt, steps)
         if c.gradient_checkpointing:
             self._enable_gradient_checkpointing()
-        train_model = acc.prepare(self.model)  # DDP wrapper when distributed, autocast when mixed precision
-        if acc.scaler is not None:  # fp16: accelerate's optimizer wrapper does the loss scaling (it costs per step)
-            opt = acc.prepare(opt)
+        train_model = acc.prepare(self.model)  # the DDP wrapper when distributed
         state, resumed_from = self._begin(opt, sched)
         self._run_log = RunLog(self.out, steps, initial=state["step"], files=c.save and self.is_main,
                                progress=c.progress and self.is_main, tensorboard=c.tensorboard)
@@ -169,7 +167,6 @@ class Trainer:
         finally:
             self._run_log.close(self.history, plot=c.plot)
             self._run_log = None
-            acc.unwrap_model(train_model, keep_fp32_wrapper=False)  # drops accelerate's autocast wrapper
         self._save("last")
         acc.wait_for_everyone()
         return {"steps": state["step"], "epochs": state["epoch"], "train_seconds": round(state["train_seconds"], 2),
@@ -192,17 +189,17 @@ class Trainer:
             sync = i + 1 == first + group
             idx, weight = batches[i]
             with contextlib.nullcontext() if sync else acc.no_sync(model):
-                with acc.autocast():
+                with self.precision.autocast():
                     loss = self.loss_fn(model, self._to_device(batch))
-                acc.backward(loss * (weight / group))
+                acc.backward(self.precision.scale(loss * (weight / group)))
             running += loss.item() * weight / group
             examples += len(idx) * world
             if not sync:
                 continue
             if c.max_grad_norm:
+                self.precision.unscale_(opt)
                 acc.clip_grad_norm_(params, c.max_grad_norm)
-            opt.step()
-            if not acc.optimizer_step_was_skipped:  # fp16 loss scaling skips steps with inf gradients
+            if not self.precision.step(opt):  # fp16 loss scaling skips steps with inf gradients
                 sched.step()
             opt.zero_grad(set_to_none=True)
             state["step"] += 1
@@ -261,7 +258,7 @@ class Trainer:
         """Metrics of eval_fn on `data` (default: eval_data). Every process evaluates all of it."""
         data = self.eval_data if data is None else data
         self.model.eval()
-        with torch.no_grad(), self.accelerator.autocast():
+        with torch.no_grad(), self.precision.autocast():
             batches = (self._to_device(b) for b in self._loader(data, self.config.eval_batch_size, False))
             return self.eval_fn(self.model, batches)
 
@@ -285,6 +282,7 @@ class Trainer:
                 shutil.rmtree(self.out / "tensorboard", ignore_errors=True)
             return self._fresh_state(), None
         state = ckpt.read_checkpoint(path, acc, self.model, opt, sched)
+        self.precision.load_state_dict(state.pop("loss_scaler", None))  # fp16's loss scale, where it was
         changed = sorted(k for k, v in state["config"].items()
                          if k not in _COSMETIC and getattr(c, k, v) != v)
         if changed:
@@ -304,6 +302,7 @@ class Trainer:
             return
         full = {**state, "world_size": self.accelerator.num_processes, "config": dataclasses.asdict(c),
                 "history": self.history, "log_bytes": jsonl_size(self.out / METRICS_NAME),
+                "loss_scaler": self.precision.state_dict(),
                 "callbacks": [cb.state_dict() if hasattr(cb, "state_dict") else None for cb in self.callbacks]}
         ckpt.write_checkpoint(self.accelerator, self.out, full, self.model, opt, sched, c.keep_checkpoints)
 

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import torch
 
+from ..extras import require
+
 
 def classification_metrics(preds: torch.Tensor, labels: torch.Tensor) -> dict:
     keep = labels != -100
@@ -40,8 +42,7 @@ def exact_match(predictions: list[str], references: list[str], normalize: bool =
 def bleu(predictions: list[str], references: list[str] | list[list[str]]) -> float:
     """Corpus BLEU (0-100) by sacrebleu with its default 13a tokenisation. `references` is one
     reference per prediction, or a list of reference lists (each as long as predictions)."""
-    import sacrebleu
-
+    sacrebleu = require("sacrebleu", "recipes", "BLEU scoring")
     refs = [list(references)] if not references or isinstance(references[0], str) else [list(r) for r in references]
     return float(sacrebleu.corpus_bleu(list(predictions), refs).score)
 

@@ -1,0 +1,128 @@
+"""Delta files <-> a DeltaModel's pieces: ours and PEFT's adapter_config.json, and the
+tensor keys `base_model.model.<module path>.<piece key>` (PEFT's layout; model-level
+pieces use their own keys verbatim, prompt-learning task heads `base_model.<path>`)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .config import DeltaConfig, PeftConvertible
+from .copy import TrainableCopy
+from .errors import ConfigError, IncompatibleDeltaError
+from .heads import default_heads, peft_task_type
+from .io import PREFIX, write_delta
+from .pieces import MODEL_LEVEL
+from .registry import config_from_dict, peft_method
+
+PEFT_PROMPT_ROOT = "base_model."  # PEFT keys prompt-learning deltas' task heads as base_model.<path>
+
+
+# -- writing -------------------------------------------------------------------------
+def delta_state(model, name: str) -> dict[str, torch.Tensor]:
+    """The tensors of one delta under their file keys."""
+    out, pieces = {}, model.pieces_of(name)
+    root = getattr(pieces.get(MODEL_LEVEL), "file_key_root", PREFIX)
+    for path, piece in pieces.items():
+        prefix = "" if path == MODEL_LEVEL else root + path + "."
+        for k, v in piece.file_state().items():
+            out[prefix + k] = v
+    return out
+
+
+def file_config(model, name: str) -> dict:
+    """adapter_config.json of one delta. Besides the method's options it records facts about the
+    base model: PEFT's `task_type` (the auto class to load it with) and, in PEFT-style files,
+    `modules_to_save` = the task heads this delta trained, so peft restores them too."""
+    cfg = model.configs[name]
+    d = cfg.to_peft_dict() if isinstance(cfg, PeftConvertible) else cfg.to_dict()
+    if name in model.model_pieces:
+        d = model.model_pieces[name].file_config(d)
+    if d.get("task_type") is None:
+        d["task_type"] = peft_task_type(model.base_model)
+    if "peft_type" in d and d.get("modules_to_save") is None and cfg.modules_to_save is None:
+        pieces = model.pieces_of(name)
+        heads = [h for h in default_heads(model.base_model) if isinstance(pieces.get(h), TrainableCopy)]
+        d["modules_to_save"] = heads or None
+    d.setdefault("base_model_name_or_path", getattr(model.base_model.config, "_name_or_path", None))
+    return d
+
+
+def write(model, path, names: list[str]) -> str:
+    """Write each delta: the root one (the first, or "default") in `path`, others in `path/<name>/`.
+    Returns the root's name."""
+    root = "default" if "default" in names else names[0]
+    for n in names:
+        write_delta(Path(path) if n == root else Path(path) / n, file_config(model, n), delta_state(model, n))
+    return root
+
+
+# -- reading -------------------------------------------------------------------------
+def config_from_file(d: dict) -> DeltaConfig:
+    """A config from adapter_config.json: ours (key "method") or PEFT's (key "peft_type")."""
+    if "method" in d:
+        d = {k: v for k, v in d.items() if k not in ("base_model_name_or_path", "task_type")}
+        return config_from_dict(d)
+    if "peft_type" in d:
+        return peft_method(d["peft_type"]).config_cls.from_peft(d)
+    raise ConfigError("adapter_config.json names no method ('method' or PEFT's 'peft_type').")
+
+
+def split_key(key: str, pieces: dict) -> tuple[str | None, str]:
+    """(module path of the piece a file key belongs to, the key inside that piece); path None
+    when no piece of `pieces` owns the key."""
+    for root in (PREFIX, PEFT_PROMPT_ROOT):  # ours/PEFT's, then PEFT's prompt-learning layout
+        rest = key[len(root):] if key.startswith(root) else None
+        best = None
+        for path in pieces if rest is not None else ():
+            if path and rest.startswith(path + ".") and (best is None or len(path) > len(best)):
+                best = path
+        if best is not None:
+            return best, rest[len(best) + 1:]
+    if key.startswith(PEFT_PROMPT_ROOT):
+        return None, key
+    return (MODEL_LEVEL, key) if MODEL_LEVEL in pieces else (None, key)
+
+
+def by_piece(tensors: dict, pieces: dict) -> tuple[dict[str, dict], list[str]]:
+    """File tensors grouped per piece ({path: {key in piece: tensor}}) and the keys no piece owns.
+    PEFT also stores the untouched base weights of targeted embeddings (`.base_layer.`): skipped."""
+    grouped, unowned = {path: {} for path in pieces}, []
+    for key, value in tensors.items():
+        if ".base_layer." in key:
+            continue
+        path, sub = split_key(key, pieces)
+        if path is None:
+            unowned.append(key)
+        else:
+            grouped[path][sub] = value
+    return grouped, unowned
+
+
+def load_tensors(model, name: str, tensors: dict, source) -> None:
+    """Load a delta file's tensors into the pieces of the attached delta `name`, checking that the
+    file has exactly the tensors (and shapes) these pieces hold."""
+    pieces = model.pieces_of(name)
+    grouped, unowned = by_piece(tensors, pieces)
+    if unowned:
+        raise IncompatibleDeltaError(
+            f"Delta {str(source)!r} has weights for {unowned[0]!r}, which this {type(model.base_model).__name__} "
+            "has no place for: the delta was made for another architecture or target set.")
+    for path, piece in pieces.items():
+        expected, got = piece.file_state(), grouped[path]
+        missing = sorted(set(expected) - set(got))
+        if missing:
+            raise IncompatibleDeltaError(
+                f"Delta {str(source)!r} lacks {missing} for module {path or '(model level)'!r}; "
+                "the file is incomplete or belongs to another method.")
+        for k, v in got.items():
+            if k not in expected:
+                raise IncompatibleDeltaError(f"Delta {str(source)!r} has unexpected weights {k!r} "
+                                             f"for module {path!r}.")
+            if not getattr(piece, "sparse_file", False) and tuple(expected[k].shape) != tuple(v.shape):
+                raise IncompatibleDeltaError(
+                    f"Delta {str(source)!r} does not fit this base model: module {path!r} weight {k!r} has "
+                    f"shape {tuple(v.shape)} in the file but {tuple(expected[k].shape)} here "
+                    "(the delta was trained on another base model).")
+        ref = next(iter(expected.values()), None)
+        piece.load_file_state({k: v.to(ref.device if ref is not None else "cpu") for k, v in got.items()})
