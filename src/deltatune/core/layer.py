@@ -82,6 +82,8 @@ class DeltaLayer(nn.Module):
 
     # -- merging ---------------------------------------------------------
     def merge(self, name: str) -> None:
+        """Fold `name`'s additive piece here into base_layer's weights; other pieces (and names not
+        attached here) are left as they are."""
         if name in self.merged or name not in self.deltas or not isinstance(self.deltas[name], AddsToOutput):
             return
         deltas = self.deltas[name].merge_deltas(self.base_layer)

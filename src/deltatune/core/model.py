@@ -20,7 +20,7 @@ from .heads import default_heads
 from .io import read_delta
 from .layer import DeltaLayer, unwrap
 from .overlap import check_active
-from .pieces import MODEL_LEVEL, AddsToOutput, ComputesOutput, ModelPiece, check_piece
+from .pieces import MODEL_LEVEL, ComputesOutput, ModelPiece, check_piece
 from .registry import method_of
 from .targets import find_targets, named_base_modules
 
@@ -197,11 +197,10 @@ class DeltaModel(nn.Module):
                 raise ConfigError(f"Delta {n!r} ({self.configs[n].method}) adds modules or inputs, not weight "
                                   f"changes ({type(fixed[0]).__name__} cannot be folded into weights), so it cannot "
                                   "be merged; keep it attached.")
-        for n in names:  # additive pieces fold into the weights; trained copies stay until merge_and_unload
-            try:
+        for n in names:  # additive pieces fold into the weights (DeltaLayer.merge); trained copies stay
+            try:             # until merge_and_unload
                 for _, layer in self.delta_layers():
-                    if isinstance(layer.deltas[n] if n in layer.deltas else None, AddsToOutput):
-                        layer.merge(n)
+                    layer.merge(n)
             except Exception:
                 self.unmerge([n])  # all or nothing
                 raise
@@ -216,8 +215,7 @@ class DeltaModel(nn.Module):
         """The plain HF model with the active deltas folded in (trained copies take their module's place)."""
         self.merge()
         for path, layer in reversed(list(self.delta_layers())):  # inner wrappers first, while their parents are base
-            copies = [layer.deltas[n] for n in self.active_names
-                      if isinstance(layer.deltas[n] if n in layer.deltas else None, ComputesOutput)]
+            copies = [layer.live(n) for n in self.active_names if isinstance(layer.live(n), ComputesOutput)]
             self._put(path, copies[-1].module if copies else layer.base_layer)
         base = self.base_model
         for p in base.parameters():

@@ -9,7 +9,7 @@ from .pieces import ComputesOutput
 
 
 def check_active(model, names) -> None:
-    """Raise ConfigError if a wrapper is misplaced, or if one of the deltas `names` trains a copy
+    """Raise ConfigError if one of the deltas `names` trains a copy
     of a module inside which (or at which, unless it is a copy too: the last one wins) another
     acting delta has a piece; merged deltas act whatever is active. Model-level pieces (prompts,
     prefix caches) never conflict this way, but two of one exclusive kind (check_exclusive) do."""

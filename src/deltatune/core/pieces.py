@@ -25,6 +25,8 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from .io import PREFIX
+
 
 class DeltaPiece(nn.Module, abc.ABC):
     """Root of the layer pieces; derive from one of the three roles below."""
@@ -124,7 +126,7 @@ class ModelPiece(nn.Module):
 
     # key root of the delta's module tensors (task heads): PEFT writes prompt-learning deltas'
     # modules under "base_model.<path>" rather than "base_model.model.<path>"
-    file_key_root: str = "base_model.model."
+    file_key_root: str = PREFIX
 
 
 def check_piece(piece, where: str) -> None:

@@ -13,6 +13,7 @@ from torch import nn
 from ..core.config import DeltaConfig
 from ..core.copy import TrainableCopy
 from ..core.errors import ConfigError
+from ..core.layer import unwrap
 from ..core.registry import register
 from ..core.targets import find_targets, named_base_modules
 
@@ -67,9 +68,9 @@ def _is_norm(module: nn.Module) -> bool:
 def build_full(model: nn.Module, config: FullConfig):
     # copy all top-level children with one memo so tied weights (embeddings / LM head) stay tied
     memo: dict = {}
-    base, wrapped = dict(named_base_modules(model)), dict(named_base_modules(model, wrapped=True))
+    wrapped = dict(named_base_modules(model, wrapped=True))
     return {name: TrainableCopy(wrapped[name], memo) for name, _ in model.named_children()
-            if name in base and any(True for _ in base[name].parameters())}
+            if name in wrapped and any(True for _ in unwrap(wrapped[name]).parameters())}
 
 
 register("partial", PartialConfig, build_partial)
