@@ -34,10 +34,11 @@ def run(method, n_train=1500, epochs=1, max_length=64, seed=0):
     delta = dt.attach(model, make())
     cfg = dt.train.TrainConfig(output_dir="unused", epochs=epochs, lr=lr, batch_size=32, progress=False,
                                save=False, eval_every_epoch=False, seed=seed)
-    trainer = dt.train.Trainer(delta, cfg, train_f, test_f, collate_fn=dt.data.Collator(tok.pad_token_id))
+    # no evaluation data during training: nothing is selected, the test split is scored once at the end
+    trainer = dt.train.Trainer(delta, cfg, train_f, collate_fn=dt.data.Collator(tok.pad_token_id))
     start = time.time()
     trainer.fit()
-    metrics = trainer.evaluate()
+    metrics = trainer.evaluate(test_f)
     base = sum(p.numel() for n, p in delta.base_model.named_parameters() if ".deltas." not in n)
     saved = sum(v.numel() for k, v in delta.delta_state("default").items() if not any(h in k for h in HEAD))
     majority = max(sum(e["label"] for e in test), len(test) - sum(e["label"] for e in test)) / len(test)

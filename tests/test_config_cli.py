@@ -82,8 +82,8 @@ def test_train_then_eval_on_a_tiny_model(tmp_path, capsys):
     capsys.readouterr()
     assert main(["eval", str(path), "train.seed=3"]) == 0
     metrics = json.loads(capsys.readouterr().out)
-    assert metrics["accuracy"] == pytest.approx(results["after"]["accuracy"])
-    assert metrics["loss"] == pytest.approx(results["after"]["loss"], rel=1e-5)
+    assert metrics["accuracy"] == pytest.approx(results["test"]["accuracy"])
+    assert metrics["loss"] == pytest.approx(results["test"]["loss"], rel=1e-5)
     assert main(["train", str(path), "trian.lr=1"]) == 2  # a config error: message, exit code 2
     assert "Did you mean 'train'" in capsys.readouterr().err
     assert Path(tmp_path / "run" / "best").exists()
@@ -155,7 +155,7 @@ def test_commands_leave_the_process_environment_alone(tmp_path, monkeypatch, cap
     for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
         monkeypatch.delenv(name, raising=False)
     before = dict(os.environ)
-    assert main(["train", str(path)]) == 0
+    assert main(["train", str(path), "--overwrite"]) == 0
     assert main(["info", str(tmp_path / "run" / "final")]) == 0
     assert main(["train", str(path), "model.path=some-org/not-a-local-model"]) == 2
     capsys.readouterr()
@@ -172,7 +172,8 @@ def refuse(*args, **kwargs):
 socket.socket.connect = refuse
 socket.getaddrinfo = refuse
 from deltatune.cli import main
-codes = [main(["train", sys.argv[1]]), main(["train", sys.argv[1], "model.path=some-org/not-a-local-model"])]
+codes = [main(["train", sys.argv[1]]),
+         main(["train", sys.argv[1], "model.path=some-org/not-a-local-model", "--overwrite"])]
 print(json.dumps({"codes": codes, "attempts": attempts}))
 """
 

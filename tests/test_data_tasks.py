@@ -35,8 +35,8 @@ def test_local_formats_load_the_same_rows(tmp_path):
     pd.DataFrame(ROWS).to_parquet(tmp_path / "d.parquet")
     datasets.Dataset.from_list(ROWS).save_to_disk(str(tmp_path / "saved"))
     for name in ("d.jsonl", "d.csv", "d.parquet", "saved"):
-        train, test, _ = load_examples(DataConfig(train=str(tmp_path / name)))
-        assert train == ROWS and test == [], name
+        train, validation, test, _, _ = load_examples(DataConfig(train=str(tmp_path / name), validation_fraction=0))
+        assert train == ROWS and validation == test == [], name
 
 
 def test_text_folder_and_split(tmp_path):
@@ -44,14 +44,15 @@ def test_text_folder_and_split(tmp_path):
         (tmp_path / cls).mkdir()
         for i in range(n):
             (tmp_path / cls / f"{i}.txt").write_text(f"{cls} text {i}\n")
-    train, test, names = load_examples(DataConfig(source=str(tmp_path), test_fraction=0.3, max_train=5))
-    assert names == ["ham", "spam"] and len(train) == 5 and len(test) == 3
-    assert all(r["text"].startswith(names[r["label"]]) for r in train + test)
+    train, validation, test, names, _ = load_examples(DataConfig(source=str(tmp_path), test_fraction=0.3,
+                                                                 validation_fraction=0.2, max_train=5))
+    assert names == ["ham", "spam"] and len(train) == 5 and len(validation) == 1 and len(test) == 3
+    assert all(r["text"].startswith(names[r["label"]]) for r in train + validation + test)
 
 
 def test_builtin_and_errors():
-    train, test, names = load_examples(DataConfig(source="sms_spam", max_train=20, max_eval=10))
-    assert names == ["ham", "spam"] and len(train) == 20 and len(test) == 10
+    train, validation, test, names, _ = load_examples(DataConfig(source="sms_spam", max_train=20, max_eval=10))
+    assert names == ["ham", "spam"] and len(train) == 20 and len(validation) == len(test) == 10
     with pytest.raises(ConfigError, match="sms_spam"):
         load_examples(DataConfig(source="sms_spm"))
 
@@ -170,7 +171,7 @@ def run_task(tmp_path, model_dir, task, rows, steps, lr=3e-2):
     data = write_jsonl(tmp_path / "d.jsonl", rows)
     raw = {"output_dir": str(tmp_path / "run"), "model": {"path": model_dir},
            "delta": {"method": "lora", "r": 4, "alpha": 8, "targets": "all-linear"},
-           "data": {"train": data, "eval": data}, "task": task,
+           "data": {"train": data, "validation": data, "eval": data}, "task": task,
            "train": {"max_steps": steps, "batch_size": 4, "eval_batch_size": 8, "lr": lr, "warmup_ratio": 0.0,
                      "progress": False, "plot": False, "tensorboard": False}}
     cfg = load_run_config(raw=raw)
@@ -195,7 +196,7 @@ def test_seq2seq_task_end_to_end_on_a_tiny_t5(tmp_path):
     rows = [{"source": f"the {c} {t}", "target": t} for c in colours for t in things]  # drop "the" and the colour
     cfg, res, again = run_task(tmp_path, model_dir, {"type": "seq2seq", "max_length": 8, "max_new_tokens": 3},
                                rows, steps=40)
-    before, after = res["before"], res["after"]
+    before, after = res["before"], res["test"]
     assert set(after) == {"loss", "perplexity", "exact_match", "bleu"}
     assert after["loss"] < before["loss"] / 2 and after["perplexity"] == pytest.approx(np.exp(after["loss"]))
     assert after["exact_match"] > before["exact_match"]
@@ -225,8 +226,8 @@ def test_token_classification_task_end_to_end_on_a_tiny_bert(tmp_path):
     rows = [{"tokens": s, "tags": [tag.get(w, "O") for w in s]} for s in sentences]
     cfg, res, again = run_task(tmp_path, model_dir, {"type": "token_classification", "max_length": 12},
                                rows, steps=30)
-    assert res["after"]["accuracy"] == 1.0 and res["after"]["accuracy"] > res["before"]["accuracy"]
-    assert again == pytest.approx(res["after"], rel=1e-5)
+    assert res["test"]["accuracy"] == 1.0 and res["test"]["accuracy"] > res["before"]["accuracy"]
+    assert again == pytest.approx(res["test"], rel=1e-5)
     # by hand: the saved delta's prediction for the first sub-token of each word, names from the config
     tok = load_tokenizer(model_dir)
     base = AutoModelForTokenClassification.from_pretrained(model_dir, num_labels=3)

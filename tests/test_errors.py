@@ -54,6 +54,10 @@ def test_delta_for_another_base_model_names_module_and_shapes(tmp_path):
     from transformers import LlamaConfig, LlamaForCausalLM
     bigger = LlamaForCausalLM(LlamaConfig(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                                           intermediate_size=64))
+    with pytest.raises(dt.IncompatibleDeltaError, match=r"\(llama, hidden 32, 2 layers\) but this base model is "
+                                                        r".*\(llama, hidden 64, 2 layers\)"):
+        dt.DeltaModel.from_pretrained(bigger, tmp_path)  # the recorded base model, checked up front
+    (tmp_path / "deltatune_setup.json").unlink()  # a PEFT-written folder records no sizes: the shapes tell
     with pytest.raises(dt.IncompatibleDeltaError,
                        match=r"module 'model.layers.0.self_attn.q_proj' weight 'lora_A.weight' has shape \(4, 32\) "
                              r"in the file but \(4, 64\) here"):
@@ -64,6 +68,10 @@ def test_delta_for_another_base_model_names_module_and_shapes(tmp_path):
 
 def test_delta_for_another_architecture(tmp_path):
     dt.attach(llama(), dt.LoRAConfig(r=4, targets=["q_proj"])).save_pretrained(tmp_path)
+    with pytest.raises(dt.IncompatibleDeltaError, match=r"was trained on LlamaForCausalLM \(llama.*GPT2LMHeadModel "
+                                                        r"\(gpt2"):
+        dt.DeltaModel.from_pretrained(BUILDERS["gpt2"](), tmp_path)
+    (tmp_path / "deltatune_setup.json").unlink()  # PEFT-style: the file's base_model_name_or_path only
     with pytest.raises(dt.TargetNotFoundError, match="q_proj"):
         dt.DeltaModel.from_pretrained(BUILDERS["gpt2"](), tmp_path)
 

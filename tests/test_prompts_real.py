@@ -46,10 +46,11 @@ def run(method, n_train=600, n_test=500, epochs=2, max_length=40, batch_size=16,
     cfg = dt.train.TrainConfig(output_dir="unused", epochs=epochs, lr=lr, batch_size=batch_size, progress=False,
                                save=False, eval_every_epoch=False, seed=seed, tensorboard=False, plot=False,
                                keep_checkpoints=0)
-    trainer = dt.train.Trainer(delta, cfg, train_f, test_f, collate_fn=dt.data.Collator(tok.pad_token_id))
+    # no evaluation data during training: nothing is selected, the test split is scored once at the end
+    trainer = dt.train.Trainer(delta, cfg, train_f, collate_fn=dt.data.Collator(tok.pad_token_id))
     start, cpu = time.time(), time.process_time()
     trainer.fit()
-    metrics = trainer.evaluate()
+    metrics = trainer.evaluate(test_f)
     base = sum(p.numel() for n, p in delta.base_model.named_parameters() if ".deltas." not in n)
     prompt = sum(v.numel() for k, v in delta.delta_state("default").items() if not any(h in k for h in HEAD))
     spam = sum(e["label"] for e in test)

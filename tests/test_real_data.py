@@ -15,10 +15,10 @@ def _run(config, n_train=1200, n_test=600, epochs=1, lr=1e-3, tmp_path=None):
     delta = dt.attach(model, config)
     trainer = dt.train.Trainer(delta, dt.train.TrainConfig(output_dir=str(tmp_path), epochs=epochs, lr=lr,
                                                            batch_size=16, progress=False, save=False),
-                               train_f, test_f, collate_fn=dt.data.Collator(tok.pad_token_id))
+                               train_f, collate_fn=dt.data.Collator(tok.pad_token_id))  # no selection
     trainer.fit()
     majority = max(sum(e["label"] for e in test[:n_test]), n_test - sum(e["label"] for e in test[:n_test])) / n_test
-    return trainer.evaluate()["accuracy"], majority, delta
+    return trainer.evaluate(test_f)["accuracy"], majority, delta
 
 
 @pytest.mark.slow

@@ -51,9 +51,9 @@ def tiny_run(path, tmp_path, extra=()):
 
 # the metrics of the trained delta in results.json, which `deltatune eval` (recipe.evaluate) must reproduce
 # (robust is left out: its tiny base model is built from each seed, the evaluation's from train.seed)
-AFTER = {"task": lambda r: r["after"], "joint": lambda r: r["after"], "pet": lambda r: r["after"],
-         "ipt": lambda r: r["after"], "multitask": lambda r: r["after"], "adaptive": lambda r: r["task"]["after"],
-         "intermediate": lambda r: r["target"]["after"],
+AFTER = {"task": lambda r: r["test"], "joint": lambda r: r["test"], "pet": lambda r: r["test"],
+         "ipt": lambda r: r["test"], "multitask": lambda r: r["test"], "adaptive": lambda r: r["task"]["test"],
+         "intermediate": lambda r: r["target"]["test"],
          "instruction": lambda r: {**r["zero_shot_after"], **r.get("seen_after", {})}}
 
 
@@ -229,7 +229,7 @@ def test_carry_delta_copies_the_body_and_keeps_the_new_head():
 def test_multitask_shared_prompts_with_a_head_per_task(tmp_path):
     cfg, res = tiny_run(Path(__file__).parent.parent / "examples/multitask.yaml", tmp_path,
                         ["delta={method: p_tuning_v2, num_virtual_tokens: 4}", "train.max_steps=4"])
-    assert {"sms_accuracy", "bbc_accuracy", "accuracy"} <= set(res["after"])
+    assert {"sms_accuracy", "bbc_accuracy", "accuracy"} <= set(res["test"])
     final = Path(res["delta"])
     from deltatune.core.model import config_from_file
     shared = config_from_file(dt.core.io.read_delta(final)[0])
@@ -317,13 +317,13 @@ def test_dapt_on_its_own_text_then_merge_and_evaluate(tmp_path):
     adapt = res["adapt"]
     assert adapt["objective"] == "masked_lm"
     assert adapt["fit"]["steps"] == 5  # one epoch of the 20 domain texts in batches of 4 (the task's 12 give 3)
-    assert adapt["after"]["perplexity"] == pytest.approx(np.exp(adapt["after"]["loss"]))
+    assert adapt["test"]["perplexity"] == pytest.approx(np.exp(adapt["test"]["loss"]))
     assert res["task"]["fit"]["steps"] == 3
     final = Path(res["delta"])
     assert (final / "adapted" / "adapter_model.safetensors").exists()
-    assert_same_metrics(evaluate(cfg, final), res["task"]["after"])
+    assert_same_metrics(evaluate(cfg, final), res["task"]["test"])
     # the task delta needs the adapted body it was trained on: without it the same delta scores differently
-    assert evaluate_task(cfg, final)["loss"] != pytest.approx(res["task"]["after"]["loss"], rel=1e-6)
+    assert evaluate_task(cfg, final)["loss"] != pytest.approx(res["task"]["test"]["loss"], rel=1e-6)
 
 
 # ---- intermediate: carry: merge, carry_head, evaluate --------------------------------------------------
@@ -333,10 +333,10 @@ def test_intermediate_merge_evaluates_on_the_merged_body(tmp_path):
                                 "data": {"source": "bbc_news", "max_train": 12, "max_eval": 4}})
     cfg = load_run_config(raw=raw)
     res = recipes.run(cfg)
-    assert res["intermediate"]["fit"]["steps"] == 3 and set(res["intermediate"]["after"]) >= {"accuracy"}
+    assert res["intermediate"]["fit"]["steps"] == 3 and set(res["intermediate"]["test"]) >= {"accuracy"}
     final = Path(res["delta"])
-    assert_same_metrics(evaluate(cfg, final), res["target"]["after"])
-    assert evaluate_task(cfg, final)["loss"] != pytest.approx(res["target"]["after"]["loss"], rel=1e-6)
+    assert_same_metrics(evaluate(cfg, final), res["target"]["test"])
+    assert evaluate_task(cfg, final)["loss"] != pytest.approx(res["target"]["test"]["loss"], rel=1e-6)
 
 
 def test_intermediate_carry_head_starts_task_b_from_task_a_delta_and_head(tmp_path):
@@ -348,7 +348,7 @@ def test_intermediate_carry_head_starts_task_b_from_task_a_delta_and_head(tmp_pa
     # B before training = A's trained delta, head included, scored on B's data
     a_last = tmp_path / "run" / "intermediate" / "last"
     assert_same_metrics(res["target"]["before"], evaluate_task(cfg, a_last))
-    assert_same_metrics(evaluate(cfg, res["delta"]), res["target"]["after"])
+    assert_same_metrics(evaluate(cfg, res["delta"]), res["target"]["test"])
 
 
 def test_multitask_evaluate_scores_each_task_with_its_own_head(tmp_path):
@@ -359,11 +359,11 @@ def test_multitask_evaluate_scores_each_task_with_its_own_head(tmp_path):
 
     cfg, res = tiny_run(Path(__file__).parent.parent / "examples/multitask.yaml", tmp_path, ["train.max_steps=6"])
     final = Path(res["delta"])
-    assert_same_metrics(evaluate(cfg, final), res["after"])
+    assert_same_metrics(evaluate(cfg, final), res["test"])
     # by hand: each task's eval examples through the shared delta and that task's head, its first n_labels logits
     job, names, sizes, loaded = multitask_job(cfg, delta_dir=final)
     model = job.model.eval()
-    for name, n, (_, test, _), spec_task in zip(names, sizes, loaded, [cfg.task] + [t.task for t in
+    for name, n, (_, _, test, *_), spec_task in zip(names, sizes, loaded, [cfg.task] + [t.task for t in
                                                                                   cfg.recipe_options.tasks]):
         model.set_active(["default", f"head_{name}"])
         batch = job.collate([{"task": 0, "features": featurize(job.tokenizer, spec_task, test, True)}])
@@ -371,9 +371,9 @@ def test_multitask_evaluate_scores_each_task_with_its_own_head(tmp_path):
             logits = model(**{k: v for k, v in model_inputs(batch).items() if k != "labels"}).logits
         assert logits.shape[-1] == max(sizes)
         m = classification_metrics(logits[:, :n].argmax(-1), batch["labels"])
-        assert m["accuracy"] == pytest.approx(res["after"][f"{name}_accuracy"])
-        assert m["macro_f1"] == pytest.approx(res["after"][f"{name}_macro_f1"])
-    assert res["after"]["accuracy"] == pytest.approx(sum(res["after"][f"{n}_accuracy"] for n in names) / len(names))
+        assert m["accuracy"] == pytest.approx(res["test"][f"{name}_accuracy"])
+        assert m["macro_f1"] == pytest.approx(res["test"][f"{name}_macro_f1"])
+    assert res["test"]["accuracy"] == pytest.approx(sum(res["test"][f"{n}_accuracy"] for n in names) / len(names))
     # a config whose task names are not those of the saved heads: a clear error, not a fresh random head
     with pytest.raises(ConfigError, match="no head for task"):
         evaluate(load_run_config(raw={**yaml.safe_load(Path(cfg.output_dir, "run.yaml").read_text()),

@@ -114,6 +114,85 @@ def test_sigkilled_run_resumes_bit_identically(tmp_path):
     assert lines(run_dir) == lines(ref_dir)
 
 
+def _logged_steps(run_dir) -> int:
+    f = Path(run_dir) / "metrics.jsonl"
+    return len(f.read_text().splitlines()) if f.exists() else 0
+
+
+def _sigint_when(proc, run_dir, min_lines, times=1):
+    deadline = time.time() + 120
+    while time.time() < deadline and _logged_steps(run_dir) < min_lines:
+        if proc.poll() is not None:
+            pytest.fail(f"the run ended before Ctrl-C: {proc.stderr.read().decode()[-2000:]}")
+        time.sleep(0.01)
+    for _ in range(times):
+        proc.send_signal(signal.SIGINT)
+        time.sleep(0.1)
+    return proc.wait(timeout=120), proc.stderr.read().decode()
+
+
+def test_ctrl_c_writes_a_checkpoint_and_resumes_bit_identically(tmp_path):
+    """Ctrl-C mid-epoch, with no periodic checkpoints: the run stops at the next step boundary,
+    writes a checkpoint and last/, says how to resume, and the resumed run equals an uninterrupted one."""
+    spec = dict(n=48, batch_size=4, epochs=2, lr=5e-3, log_every=1, seed=5)  # checkpoints at epoch ends only
+    ref_dir, run_dir = str(tmp_path / "ref"), str(tmp_path / "run")
+    ref = subprocess.Popen(_job({**spec, "output_dir": ref_dir}), env=ENV, stderr=subprocess.PIPE)
+    victim = {**spec, "output_dir": run_dir, "sleep": 0.05}
+    code, err = _sigint_when(subprocess.Popen(_job(victim), env=ENV, stderr=subprocess.PIPE), run_dir, 5)
+    assert code != 0 and "TrainingInterrupted" in err and "resume with --resume" in err, err[-2000:]
+    stopped = ckpt.latest_checkpoint(run_dir)
+    assert stopped is not None and 5 <= int(stopped.name.split("-")[1]) < 12  # mid-epoch 1 (12 steps each)
+    assert (Path(run_dir) / "last" / "adapter_model.safetensors").exists()
+    done = subprocess.run(_job({**victim, "sleep": 0, "resume": True}), env=ENV, capture_output=True, timeout=120)
+    assert done.returncode == 0, done.stderr.decode()[-3000:]
+    assert ref.wait(timeout=120) == 0, ref.stderr.read().decode()[-3000:]
+    _assert_equal_deltas(_delta(run_dir, "last"), _delta(ref_dir, "last"))
+    assert _result(run_dir) == _result(ref_dir)
+
+
+def test_second_ctrl_c_aborts_at_once(tmp_path):
+    run_dir = str(tmp_path / "run")
+    spec = dict(n=48, batch_size=4, epochs=2, lr=5e-3, log_every=1, seed=5, output_dir=run_dir, sleep=2.0)
+    code, err = _sigint_when(subprocess.Popen(_job(spec), env=ENV, stderr=subprocess.PIPE), run_dir, 1, times=2)
+    assert code != 0 and "KeyboardInterrupt" in err and "TrainingInterrupted" not in err, err[-2000:]
+
+
+def test_a_finished_run_resumed_with_a_larger_budget_trains_on(tmp_path):
+    def run(**kw):
+        torch.manual_seed(0)
+        trainer = Trainer(make_model(), _config(tmp_path, checkpoint_every=2, **kw), make_data(16),
+                          make_data(8, seed=1), collate_fn=Collator())
+        return trainer.fit()
+    assert run(max_steps=4)["steps"] == 4
+    assert run(max_steps=4, resume=True)["steps"] == 4  # the same budget: nothing more to do
+    assert run(max_steps=7, resume=True)["steps"] == 7
+
+
+def test_best_delta_is_put_back_at_the_end_and_survives_a_resume(tmp_path):
+    scores = iter([0.9, 0.5, 0.6, 0.7])
+
+    def eval_fn(model, batches):
+        return {"accuracy": next(scores)}
+
+    def trainer(**kw):
+        torch.manual_seed(0)
+        return Trainer(make_model(), _config(tmp_path, **kw), make_data(16), make_data(4), collate_fn=Collator(),
+                       eval_fn=eval_fn)
+    first = trainer(epochs=2)
+    out = first.fit()
+    assert out["selected_step"] == 4 and out["steps"] == 8 and out["best_accuracy"] == 0.9
+    _assert_equal_deltas(first.model.delta_state("default"), _delta(first.out, "best"))
+    assert not all(torch.equal(v, _delta(first.out, "last")[k]) for k, v in _delta(first.out, "best").items())
+    again = trainer(epochs=4, resume=True)  # evaluations 3 and 4 (0.6, 0.7) do not beat epoch 1's 0.9
+    out = again.fit()
+    assert out["selected_step"] == 4 and out["steps"] == 16
+    _assert_equal_deltas(again.model.delta_state("default"), _delta(first.out, "best"))
+    kept = trainer(epochs=2, load_best_at_end=False, output_dir=str(tmp_path / "other"))
+    scores = iter([0.9, 0.5])
+    assert kept.fit()["selected_step"] == 8  # the last delta stays
+    _assert_equal_deltas(kept.model.delta_state("default"), _delta(kept.out, "last"))
+
+
 @pytest.mark.parametrize("case", ["adapter_houlsby", "prompt_tuning", "diff_pruning"])
 def test_interrupted_run_resumes_exactly_for_other_methods(tmp_path, case):
     """Stopped by an exception after step 3 (checkpoint at 2), resumed in a fresh model: the same

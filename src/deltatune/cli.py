@@ -25,50 +25,13 @@ def _info(args) -> int:
 
 
 def _merge(args) -> int:
-    from .core.io import read_delta
-    from .core.model import DeltaModel
-    from .data.models import load_model, resolve_path
+    from .merged import merge_to_folder
 
-    config, tensors = read_delta(args.delta_dir)
-    auto_class, kwargs = _auto_class_for(config, tensors)
-    model = DeltaModel.from_pretrained(load_model(str(resolve_path(args.base)), auto_class, **kwargs), args.delta_dir)
-    plain = model.merge_and_unload()
-    _check_reloadable(plain)
-    plain.save_pretrained(args.output_dir)
-    print(f"merged model ({type(plain).__name__}) written to {args.output_dir}")
+    result = merge_to_folder(args.base, args.delta_dir, args.output_dir, overwrite=args.overwrite)
+    for warning in result.warnings:
+        print(f"deltatune: warning: {warning}", file=sys.stderr)
+    print(f"merged model ({result.architecture}) written to {result.path}: {', '.join(result.files)}")
     return 0
-
-
-def _check_reloadable(plain) -> None:
-    """A merged model must load back as its own architecture: refuse weights its config has no place for."""
-    import torch
-
-    from .core.errors import ConfigError
-
-    with torch.device("meta"):
-        expected = set(type(plain)(plain.config).state_dict())
-    extra = sorted(set(plain.state_dict()) - expected)
-    if extra:
-        raise ConfigError(f"The merged model has weights its architecture does not have ({', '.join(extra[:3])}"
-                          f"{', ...' if len(extra) > 3 else ''}): e.g. BitFit's add_missing biases. transformers "
-                          "would drop them on loading, so keep this delta unmerged (load it with the base model).")
-
-
-def _auto_class_for(config: dict, tensors: dict):
-    """The auto class the delta's base model was loaded with (the file's task_type) and, for a
-    classifier, its number of labels (the saved head's output size)."""
-    import transformers
-
-    task = config.get("task_type") or "FEATURE_EXTRACTION"
-    name = {"SEQ_CLS": "AutoModelForSequenceClassification", "TOKEN_CLS": "AutoModelForTokenClassification",
-            "CAUSAL_LM": "AutoModelForCausalLM", "SEQ_2_SEQ_LM": "AutoModelForSeq2SeqLM",
-            "QUESTION_ANS": "AutoModelForQuestionAnswering", "FEATURE_EXTRACTION": "AutoModel"}.get(task, "AutoModel")
-    kwargs = {}
-    if task in ("SEQ_CLS", "TOKEN_CLS"):
-        heads = [v for k, v in tensors.items() if k.endswith(("classifier.weight", "score.weight"))]
-        if heads:
-            kwargs["num_labels"] = heads[0].shape[0]
-    return getattr(transformers, name), kwargs
 
 
 def _train(args) -> int:
@@ -77,9 +40,17 @@ def _train(args) -> int:
 
     overrides = list(args.overrides) + (["train.resume=true"] if args.resume else [])
     cfg = load_run_config(args.config, overrides)
-    results = recipes.run(cfg)
+    results = recipes.run(cfg, overwrite=args.overwrite, allow_changes=args.allow_changes)
     print(json.dumps(results, indent=2, default=str))
     return 0
+
+
+def _resume_command(argv) -> str:
+    """The command line that resumes an interrupted `deltatune train` run."""
+    import shlex
+
+    args = [a for a in argv if a not in ("--overwrite", "--resume")]
+    return " ".join(shlex.quote(a) for a in ["deltatune", *args, "--resume"])
 
 
 def _eval(args) -> int:
@@ -115,7 +86,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="the run YAML (see examples/)")
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="dotted overrides, e.g. train.lr=1e-4 output_dir=outputs/x model.tiny=true")
-    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in output_dir")
+    p.add_argument("--resume", action="store_true", help=(
+        "continue the run in output_dir from its newest checkpoint (a larger train.epochs/max_steps trains on)"))
+    p.add_argument("--overwrite", action="store_true", help=(
+        "replace the run already in output_dir (removed only once the new run has been validated)"))
+    p.add_argument("--allow-changes", action="store_true", help=(
+        "with --resume: continue although the config differs from the run's run.yaml"))
     p.set_defaults(func=_train)
 
     p = sub.add_parser("eval", help="evaluate a trained delta on the run YAML's evaluation data")
@@ -129,9 +105,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_info)
 
     p = sub.add_parser("merge", help="fold a mergeable delta into its base model and save a plain HF model")
-    p.add_argument("base", help="the base model's local directory")
+    p.add_argument("base", help="the base model's local directory, or a built-in name (minilm, smollm2)")
     p.add_argument("delta_dir")
-    p.add_argument("output_dir")
+    p.add_argument("output_dir", help="a new or empty folder: weights, config, tokenizer, generation config")
+    p.add_argument("--overwrite", action="store_true", help="replace OUTPUT_DIR even if it is not empty")
     p.set_defaults(func=_merge)
     return parser
 
@@ -139,11 +116,15 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     # No hub access, and the process environment left as it was: models and tokenizers load from
     # local folders only (data/models.py passes local_files_only=True to every from_pretrained).
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
-    from .core.errors import DeltaError
+    from .core.errors import DeltaError, TrainingInterrupted
 
     try:
         return args.func(args)
+    except TrainingInterrupted as e:
+        print(f"deltatune: {e}\nresume with: {_resume_command(argv)}", file=sys.stderr)
+        return 130
     except (DeltaError, FileNotFoundError) as e:
         print(f"deltatune: error: {e}", file=sys.stderr)
         return 2

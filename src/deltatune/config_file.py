@@ -13,15 +13,14 @@ keys (`train.lr=1e-4`, `recipe.tasks.0.data.max_train=100`), values parsed as YA
 from __future__ import annotations
 
 import dataclasses
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from .core.errors import ConfigError, did_you_mean
+from .core.typed import build
+from .core.errors import ConfigError
 from .core.registry import config_from_dict
 from .recipes import get_recipe
 from .data.sources import DataConfig
@@ -48,10 +47,7 @@ class RunConfig:
     recipe_options: Any = None  # the recipe's own options dataclass (from the `recipe` mapping)
 
     def delta_config(self):
-        try:
-            return config_from_dict(dict(self.delta))
-        except ConfigError as e:
-            raise ConfigError(f"delta: {e}") from None
+        return config_from_dict(dict(self.delta), where="delta")
 
     def to_dict(self) -> dict:
         d = {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self) if f.name != "recipe_options"}
@@ -70,64 +66,13 @@ def _plain(v):
     return v
 
 
-# ---- generic strict dataclass parsing -----------------------------------------------------------
-def build(cls, raw, where: str):
-    """`cls(**raw)` recursively, where unknown keys are errors naming the nearest valid key."""
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{where or 'the config'} must be a mapping of options, got {raw!r}.")
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls) if f.init]
-    kwargs = {}
-    for key, value in raw.items():
-        path = f"{where}.{key}" if where else str(key)
-        if key not in names:
-            near = did_you_mean(key, names)
-            raise ConfigError(f"Unknown key {path!r}.{near} Valid keys{' of ' + where if where else ''}: "
-                              f"{', '.join(names)}.")
-        kwargs[key] = _value(hints[key], value, path)
-    try:
-        return cls(**kwargs)
-    except ConfigError as e:
-        raise ConfigError(f"{where}: {e}" if where else str(e)) from None
-
-
-def _value(tp, value, path):
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        tp = next(a for a in args if a is not type(None))
-        origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if dataclasses.is_dataclass(tp):
-        return build(tp, value, path)
-    if origin is list and args and dataclasses.is_dataclass(args[0]):
-        if not isinstance(value, list):
-            raise ConfigError(f"{path} must be a list of mappings.")
-        return [build(args[0], v, f"{path}.{i}") for i, v in enumerate(value)]
-    if tp is float and isinstance(value, (int, str)) and not isinstance(value, bool):
-        try:
-            return float(value)  # YAML reads 1e-4 (no dot) as a string
-        except ValueError:
-            raise ConfigError(f"{path} must be a number, got {value!r}.") from None
-    if tp is int and isinstance(value, float) and value.is_integer():
-        return int(value)
-    if tp in (int, float, str, bool) and value is not None and not isinstance(value, tp):
-        if not (tp is float and isinstance(value, int)):
-            raise ConfigError(f"{path} must be {tp.__name__}, got {value!r}.")
-    if origin is list and isinstance(value, str):
-        return [value]
-    return value
-
-
 # ---- overrides ------------------------------------------------------------------------------------
 def apply_override(raw: dict, assignment: str) -> None:
     """`a.b.c=value` into the nested dict (list items by index); value parsed as YAML."""
     if "=" not in assignment:
         raise ConfigError(f"Override {assignment!r} is not key=value (e.g. train.lr=1e-4).")
     key, _, text = assignment.partition("=")
-    value = yaml.safe_load(text) if text.strip() else ""
+    value = _parse_yaml(text, f"Override {assignment!r}") if text.strip() else ""
     parts = key.strip().split(".")
     node = raw
     for i, part in enumerate(parts[:-1]):
@@ -154,14 +99,60 @@ def _index(part, node, before):
     return int(part)
 
 
+# ---- reading YAML ---------------------------------------------------------------------------------
+def read_yaml(path):
+    """The YAML document in the file `path`; a missing, unreadable, non-UTF-8 or malformed file is a
+    ConfigError naming the file (and the line and column of a syntax error)."""
+    try:
+        text = Path(path).read_bytes().decode("utf-8-sig")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such file; check the config file's path.") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path} is a folder; pass the YAML config file inside it.") from None
+    except OSError as e:
+        raise ConfigError(f"{path} cannot be read ({e.strerror or e}); check the file and its permissions.") from None
+    except UnicodeDecodeError as e:
+        line = e.object[:e.start].count(b"\n") + 1
+        raise ConfigError(f"{path}, line {line}: byte {e.object[e.start]:#04x} is not UTF-8 text; save the file "
+                          "as UTF-8.") from None
+    return _parse_yaml(text, str(path))
+
+
+def _parse_yaml(text: str, where: str):
+    try:
+        return yaml.safe_load(text)
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        at = f", line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = e.problem or e.context or "unreadable YAML"
+        raise ConfigError(f"{where}{at}: {problem} — fix the YAML syntax.") from None
+    except yaml.reader.ReaderError as e:  # a character YAML does not allow (control characters, ...)
+        line = text[:e.position].count("\n") + 1
+        column = e.position - (text.rfind("\n", 0, e.position) + 1) + 1
+        raise ConfigError(f"{where}, line {line}, column {column}: unacceptable character #x{e.character:04x} "
+                          "— remove it (YAML allows printable text only).") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{where}: {str(e).splitlines()[0]} — fix the YAML syntax.") from None
+    except (ValueError, TypeError, OverflowError) as e:  # e.g. a date YAML recognises but cannot build
+        raise ConfigError(f"{where}: a YAML value cannot be read ({e}); quote it to make it a string.") from None
+    except RecursionError:
+        raise ConfigError(f"{where}: the YAML is nested too deeply.") from None
+
+
 # ---- the run config -------------------------------------------------------------------------------
+RUN_KEYS = "output_dir, model, delta, data, task, train, recipe"
+
+
 def load_run_config(path=None, overrides=(), raw: dict | None = None) -> RunConfig:
     """Read a run YAML (or a dict), apply overrides, validate everything."""
+    where = str(path) if raw is None else "the run config"
     if raw is None:
-        text = Path(path).read_text()
-        raw = yaml.safe_load(text) or {}
+        raw = read_yaml(path)
+        if raw is None:
+            raise ConfigError(f"{path} is empty: a run config is a mapping ({RUN_KEYS}); "
+                              "see examples/task_lora_sms.yaml.")
     if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: a run config is a mapping (output_dir, model, delta, data, task, train, recipe).")
+        raise ConfigError(f"{where}: a run config is a mapping ({RUN_KEYS}), got a {type(raw).__name__}.")
     raw = _copy(raw)
     for o in overrides:
         apply_override(raw, o)
@@ -175,9 +166,16 @@ def _copy(x):
 def parse_run_config(raw: dict) -> RunConfig:
     raw = dict(raw)
     recipe = raw.pop("recipe", "task")
+    if not isinstance(recipe, (str, dict, type(None))):
+        raise ConfigError(f"recipe must be a recipe's name or a mapping with its name and options, got {recipe!r:.60}.")
     recipe = {"name": recipe} if isinstance(recipe, str) else dict(recipe or {})
     name = recipe.pop("name", "task")
-    train = dict(raw.pop("train", None) or {})
+    if not isinstance(name, str):
+        raise ConfigError(f"recipe.name must be a recipe's name (a string), got {name!r:.60}.")
+    train = raw.pop("train", None)
+    if not isinstance(train, (dict, type(None))):
+        raise ConfigError(f"train must be a mapping of training options, got {train!r:.60}.")
+    train = dict(train or {})
     if "output_dir" in train:
         raise ConfigError("output_dir is a top-level key of a run config (not train.output_dir).")
     cfg = build(RunConfig, raw, "")

@@ -1,12 +1,13 @@
-"""Dataclass configs: one base class, JSON/YAML round trip, strict keys; `PeftConvertible`
-marks the configs whose delta files are PEFT's format."""
+"""Dataclass configs: one base class, JSON/YAML round trip, strict keys and typed values
+(core/typed.py); `PeftConvertible` marks the configs whose delta files are PEFT's format."""
 from __future__ import annotations
 
 import abc
 import dataclasses
 from typing import Any, ClassVar
 
-from .errors import ConfigError, UnknownMethodError, did_you_mean
+from .errors import ConfigError, did_you_mean
+from .typed import construct, field_value
 
 
 @dataclasses.dataclass
@@ -26,16 +27,20 @@ class DeltaConfig:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "DeltaConfig":
+    def from_dict(cls, d: dict[str, Any], where: str = "") -> "DeltaConfig":
+        """The config a dict (from JSON/YAML) describes. Unknown keys, values of the wrong type and
+        values the config itself rejects are ConfigErrors; `where` names the dict in them ("delta")."""
         d = dict(d)
         d.pop("method", None)
-        names = {f.name for f in dataclasses.fields(cls)}
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        prefix, base = (f"{where}: " if where else ""), where or cls.method or cls.__name__
         for key in d:
-            if key not in names:
+            if key not in fields:
                 raise ConfigError(
-                    f"{cls.__name__} has no option {key!r}.{did_you_mean(key, names)} "
-                    f"Valid options: {', '.join(sorted(names))}.")
-        return cls(**d)
+                    f"{prefix}{cls.__name__} has no option {key!r}.{did_you_mean(key, fields)} "
+                    f"Valid options: {', '.join(sorted(fields))}.")
+        kwargs = {k: field_value(cls, fields[k], v, f"{base}.{k}") for k, v in d.items()}
+        return construct(cls, kwargs, base)
 
     def frozen_deltas(self) -> list[str]:
         """Attached deltas this one trains on top of (AdapterFusion's adapters): `add_delta`
@@ -73,6 +78,3 @@ class PeftConvertible(abc.ABC):
     @abc.abstractmethod
     def from_peft(cls, d: dict[str, Any]) -> DeltaConfig:
         """The config a PEFT adapter_config.json describes."""
-
-
-__all__ = ["DeltaConfig", "PeftConvertible", "ConfigError", "UnknownMethodError"]

@@ -35,3 +35,11 @@ def closest(word, candidates, n=3):
 def did_you_mean(word, candidates):
     near = closest(word, candidates)
     return f" Did you mean {', '.join(repr(c) for c in near)}?" if near else ""
+
+
+class TrainingInterrupted(DeltaError):
+    """Training stopped on request (Ctrl-C) after writing a resumable checkpoint."""
+
+    def __init__(self, message: str, step: int, output_dir: str):
+        super().__init__(message)
+        self.step, self.output_dir = step, output_dir

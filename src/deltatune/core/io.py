@@ -70,13 +70,26 @@ def read_delta(directory) -> tuple[dict, dict[str, torch.Tensor]]:
         raise FileNotFoundError(f"{weights} not found: a delta directory holds {CONFIG_NAME} and {WEIGHTS_NAME}.")
     if not cfg_path.exists():
         raise FileNotFoundError(f"{cfg_path} not found: a delta directory holds {CONFIG_NAME} and {WEIGHTS_NAME}.")
-    try:
-        config = json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as e:
-        raise CorruptFileError(f"{cfg_path} is not valid JSON ({e}); re-save the delta.") from None
+    config = read_json(cfg_path, "the delta")
+    if not isinstance(config, dict):
+        raise CorruptFileError(f"{cfg_path} holds a JSON {type(config).__name__}, not the mapping of a delta's "
+                               "options; re-save the delta.")
     try:
         tensors = load_file(str(weights))
-    except (SafetensorError, OSError, ValueError) as e:
+    except (SafetensorError, OSError, ValueError, RuntimeError, OverflowError) as e:
         raise CorruptFileError(f"{weights} is not a readable safetensors file ({e}); "
                                "the file is truncated or corrupt: re-save or re-download it.") from None
     return config, tensors
+
+
+def read_json(path: Path, what: str):
+    """The JSON value in `path`; a file that is not UTF-8 JSON is a CorruptFileError (re-save `what`)."""
+    try:
+        return json.loads(Path(path).read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise CorruptFileError(f"{path} is not valid JSON (byte {e.start} is not UTF-8 text); "
+                               f"re-save {what}.") from None
+    except (json.JSONDecodeError, RecursionError) as e:
+        raise CorruptFileError(f"{path} is not valid JSON ({e}); re-save {what}.") from None
+    except OSError as e:
+        raise CorruptFileError(f"{path} cannot be read ({e.strerror or e}); re-save {what}.") from None

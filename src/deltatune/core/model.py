@@ -14,7 +14,7 @@ from . import files, setup
 from .call_args import check_forward_kwargs, shows_base_signature
 from .config import DeltaConfig
 from .copy import TrainableCopy
-from .errors import ConfigError
+from .errors import ConfigError, IncompatibleDeltaError, TargetNotFoundError
 from .files import config_from_file
 from .heads import default_heads
 from .io import read_delta
@@ -330,14 +330,27 @@ class DeltaModel(nn.Module):
         return model
 
     def load_delta(self, path, name: str = "default", trainable: bool = False) -> "DeltaModel":
+        """Load the delta in `path` as `name`. A delta saved with the facts of its base model
+        (deltatune_setup.json) is refused up front when this base model has another body; for
+        one that records only the base's name (PEFT's files), a failed load names both models."""
         cfg_dict, tensors = read_delta(path)
-        config = config_from_file(cfg_dict)
-        self.add_delta(name, config, trainable=trainable)
+        config = config_from_file(cfg_dict, where=str(Path(path) / "adapter_config.json"))
+        recorded = setup.read_base(path)
+        if recorded is not None:  # before any target lookup, whose error would hide the real cause
+            setup.check_base(recorded, self.base_model, source=path)
         try:
-            files.load_tensors(self, name, tensors, source=path)
-        except Exception:
-            self.delete_delta(name)
-            raise
+            self.add_delta(name, config, trainable=trainable)
+            try:
+                files.load_tensors(self, name, tensors, source=path, task_type=cfg_dict.get("task_type"))
+            except Exception:
+                self.delete_delta(name)
+                raise
+        except (TargetNotFoundError, IncompatibleDeltaError) as e:
+            hint = None if recorded else setup.other_base_hint(path, cfg_dict.get("base_model_name_or_path"),
+                                                               self.base_model)
+            if hint is None:
+                raise
+            raise type(e)(hint + str(e)) from None
         return self
 
 

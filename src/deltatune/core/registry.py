@@ -6,11 +6,13 @@ transform, e.g. soft prompts). The built-in methods register themselves when the
 package is imported (deltatune/__init__.py imports deltatune.methods); core imports no method."""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, Callable
 
 from .config import DeltaConfig, PeftConvertible
-from .errors import ConfigError, UnknownMethodError, did_you_mean
+from .typed import first_line, type_hints, typed_value
+from .errors import ConfigError, DeltaError, UnknownMethodError, did_you_mean
 
 
 @dataclass(frozen=True)
@@ -66,9 +68,35 @@ def method_of(config) -> Method:
                              "register it with deltatune.register(name, ConfigClass, build).")
 
 
-def config_from_dict(d: dict[str, Any]) -> DeltaConfig:
-    """Build the config a dict describes; its key "method" names the method."""
-    if not isinstance(d, dict) or "method" not in d:
-        raise ConfigError("A delta config needs a 'method' key, e.g. {'method': 'lora', 'r': 8}. "
+def config_from_dict(d: dict[str, Any], where: str = "delta") -> DeltaConfig:
+    """Build the config a dict describes; its key "method" names the method. Unknown keys, values
+    of the wrong type ("delta.r must be an int, got 'eight'") and values the method's config
+    rejects are ConfigErrors naming `where`."""
+    if not isinstance(d, dict):
+        raise ConfigError(f"{where} must be a mapping with a 'method' key, e.g. {{'method': 'lora', 'r': 8}}; "
+                          f"got {d!r:.60}.")
+    if "method" not in d:
+        raise ConfigError(f"A {where} config needs a 'method' key, e.g. {{'method': 'lora', 'r': 8}}. "
                           f"Known methods: {', '.join(method_names())}.")
-    return get_method(d["method"]).config_cls.from_dict(d)
+    return get_method(d["method"]).config_cls.from_dict(d, where=where)
+
+
+def config_from_peft(d: dict[str, Any], where: str = "PEFT config") -> DeltaConfig:
+    """The config a PEFT adapter_config.json describes (its key "peft_type" names the method). A
+    value the method cannot read, or one of the wrong type, is a ConfigError naming `where`."""
+    method = peft_method(d.get("peft_type"))
+    try:
+        config = method.config_cls.from_peft(d)
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
+    except DeltaError:
+        raise
+    except (ValueError, TypeError, KeyError, AttributeError, AssertionError) as e:
+        raise ConfigError(f"{where}: a {d.get('peft_type')} config with a value deltatune cannot read "
+                          f"({type(e).__name__}: {first_line(e)}); fix the value or re-save the delta.") from None
+    hints = type_hints(type(config))
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if f.name in hints and not (value is None and f.default is None):
+            object.__setattr__(config, f.name, typed_value(hints[f.name], value, f"{where}: {method.name}.{f.name}"))
+    return config

@@ -1,4 +1,4 @@
-"""Which modules a delta goes into: suffixes, a regex, or "all-linear"."""
+"""Which modules a delta goes into: suffixes, a regex, or "all-linear"; minus exclusions; in chosen layers."""
 from __future__ import annotations
 
 import re
@@ -11,12 +11,39 @@ from .layer import DeltaLayer, unwrap
 
 LINEAR_TYPES = (nn.Linear, Conv1D)
 _LAYER_INDEX = re.compile(r"\.(?:layers?|h|block|blocks)\.(\d+)\.")
+_FIRST_NUMBERED = re.compile(r".*?\.[^.]*\.(\d+)\.")  # PEFT's index without layers_pattern
 
 
-def layer_index(path: str) -> int | None:
-    """Index of the transformer layer a module path lies in, if any."""
-    m = _LAYER_INDEX.search("." + path + ".")
+def layer_index(path: str, pattern=None) -> int | None:
+    """Index of the transformer layer a module path lies in, if any: the number after the first
+    layer(s)/h/block(s) segment. With `pattern` (PEFT's layers_pattern: the name, or a list of
+    names, of the module list, e.g. "layers" or "h") it is read as PEFT reads it: the number after
+    `<pattern>.`, for the first name in the list that occurs followed by a further segment."""
+    if not pattern:
+        m = _LAYER_INDEX.search("." + path + ".")
+        return int(m.group(1)) if m else None
+    for name in [pattern] if isinstance(pattern, str) else pattern:
+        m = re.match(rf"(?:^|.*?\.){name}\.(\d+)\.", path)
+        if m:
+            return int(m.group(1))
+    return None
+
+
+def peft_layer(path: str, pattern=None) -> int | None:
+    """The layer index PEFT's layers_to_transform reads from a module path: after `pattern` if
+    given, else the first numbered segment below the top (T5's "encoder.block.0.layer.1..." is in
+    layer 0); None at the top of a bare model ("layers.0..."), where PEFT reads no index."""
+    if pattern:
+        return layer_index(path, pattern)
+    m = _FIRST_NUMBERED.match(path)
     return int(m.group(1)) if m else None
+
+
+def selected_layer(path: str, pattern=None) -> int | None:
+    """The layer index `layers=[...]` selects a target by: PEFT's reading, and where PEFT reads
+    none without a pattern (a bare model), the layer(s)/h/block(s) rule."""
+    index = peft_layer(path, pattern)
+    return layer_index(path) if index is None and not pattern else index
 
 
 def named_base_modules(model: nn.Module, remove_duplicate: bool = True, wrapped: bool = False):
@@ -62,12 +89,16 @@ def matches(path: str, targets) -> bool:
     return any(path == t or path.endswith("." + t) for t in targets)
 
 
-def find_targets(model: nn.Module, targets, layers=None, types=LINEAR_TYPES) -> list[str]:
-    """Paths of modules matched by `targets`.
+def find_targets(model: nn.Module, targets, layers=None, types=LINEAR_TYPES, exclude=None,
+                 layers_pattern=None) -> list[str]:
+    """Paths of modules matched by `targets`, minus those matched by `exclude`.
 
     targets: a list of name suffixes ("q_proj", "attention.self.query"), a regex
     string matched against the full path, or "all-linear" (every Linear/Conv1D
-    outside the output head). `layers` keeps only modules in those layer indices.
+    outside the output head). exclude: the same forms (PEFT's exclude_modules).
+    `layers` (an index or a list) keeps only modules in those layers, the index read
+    by `selected_layer(path, layers_pattern)`; a module listed by its full path in
+    `targets` is kept whatever its layer (both as PEFT's layers_to_transform does).
     """
     named = dict(named_base_modules(model))
     if targets == "all-linear":
@@ -78,6 +109,10 @@ def find_targets(model: nn.Module, targets, layers=None, types=LINEAR_TYPES) -> 
         if isinstance(targets, str) and targets in named:
             targets = [targets]
         found = [p for p in named if p and matches(p, targets)]
+    matched = found
+    if exclude:
+        found = [p for p in found if not matches(p, exclude)]
+    if targets != "all-linear":
         wrong = [p for p in found if types and not isinstance(named[p], types)]
         if wrong and len(wrong) == len(found):
             kinds = sorted({type(named[p]).__name__ for p in wrong})
@@ -86,19 +121,26 @@ def find_targets(model: nn.Module, targets, layers=None, types=LINEAR_TYPES) -> 
                 f"(e.g. {wrong[0]!r}); this method applies to {', '.join(t.__name__ for t in types)}.")
         found = [p for p in found if p not in wrong]
     if layers is not None:
-        keep = set(layers)
-        found = [p for p in found if layer_index(p) in keep]
+        keep = {layers} if isinstance(layers, int) else set(layers)
+        listed = set(targets) if isinstance(targets, (list, tuple, set)) else set()
+        found = [p for p in found if p in listed or selected_layer(p, layers_pattern) in keep]
     if not found:
-        raise TargetNotFoundError(_not_found_message(model, targets, layers, types))
+        if matched and exclude and all(matches(p, exclude) for p in matched):
+            raise TargetNotFoundError(
+                f"Every module targets {targets!r} match is excluded by exclude={exclude!r} "
+                f"(e.g. {matched[0]!r}); nothing is left to apply the delta to.")
+        raise TargetNotFoundError(_not_found_message(model, targets, layers, types, layers_pattern))
     return found
 
 
-def _not_found_message(model, targets, layers, types) -> str:
+def _not_found_message(model, targets, layers, types, layers_pattern=None) -> str:
     leafs = sorted({p.split(".")[-1] for p, m in named_base_modules(model)
                     if p and isinstance(m, types or (nn.Module,))})
     wanted = [targets] if isinstance(targets, str) else list(targets)
     near = sorted({c for t in wanted for c in closest(str(t).split(".")[-1], leafs)})
     hint = f" Close module names: {', '.join(near)}." if near else ""
-    where = f" in layers {list(layers)}" if layers is not None else ""
+    where = f" in layers {layers!r}" if layers is not None else ""
+    if layers is not None and layers_pattern:
+        where += f" (the index after {layers_pattern!r})"
     return (f"Target modules {targets!r} not found{where} in {type(model).__name__}.{hint} "
             f"Modules this method can wrap here: {', '.join(leafs[:30])}.")

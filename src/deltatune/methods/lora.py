@@ -31,7 +31,13 @@ class LoRAConfig(DeltaConfig, PeftConvertible):
     dropout: float = field(default=0.0, metadata={"help": "dropout on the LoRA branch's input"})
     targets: list[str] | str = field(default="all-linear", metadata={
         "help": "module-name suffixes, a regex on the full path, or 'all-linear' (all but the output head)"})
-    layers: list[int] | None = field(default=None, metadata={"help": "only these layer indices"})
+    exclude: list[str] | str | None = field(default=None, metadata={
+        "help": "modules not to target: suffixes or a full-path regex, as targets (PEFT's exclude_modules)"})
+    layers: list[int] | int | None = field(default=None, metadata={
+        "help": "only these layer indices (PEFT's layers_to_transform)"})
+    layers_pattern: list[str] | str | None = field(default=None, metadata={
+        "help": "name(s) of the module list the layer index follows, e.g. 'layers' or 'h'; default: the first "
+                "numbered path segment (PEFT's layers_pattern)"})
     rank_pattern: dict[str, int] | None = field(default=None, metadata={"help": "{module regex: rank}"})
     alpha_pattern: dict[str, float] | None = field(default=None, metadata={"help": "{module regex: alpha}"})
     use_rslora: bool = field(default=False, metadata={"help": "scale alpha/sqrt(r) (Kalajdzievski 2023)"})
@@ -42,6 +48,9 @@ class LoRAConfig(DeltaConfig, PeftConvertible):
             raise ConfigError(f"LoRA rank r must be >= 1, got {self.r}.")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"LoRA dropout must be in [0, 1), got {self.dropout}.")
+        if self.layers_pattern and self.layers is None:
+            raise ConfigError(f"layers_pattern={self.layers_pattern!r} says where to read the layer index, "
+                              "but no layers=[...] are given to select.")
 
     def for_module(self, path: str) -> tuple[int, float]:
         r = _pattern_value(self.rank_pattern, path, self.r)
@@ -50,14 +59,17 @@ class LoRAConfig(DeltaConfig, PeftConvertible):
 
     # -- PEFT's adapter_config.json ------------------------------------------
     def to_peft_dict(self) -> dict:
-        return {
+        d = {
             "peft_type": "LORA", "task_type": None, "inference_mode": True, "bias": "none",
             "r": self.r, "lora_alpha": self.alpha, "lora_dropout": self.dropout,
-            "target_modules": self.targets, "layers_to_transform": self.layers,
+            "target_modules": self.targets, "layers_to_transform": self.layers, "layers_pattern": self.layers_pattern,
             "rank_pattern": self.rank_pattern or {}, "alpha_pattern": self.alpha_pattern or {},
             "use_rslora": self.use_rslora, "use_dora": self.use_dora, "modules_to_save": self.modules_to_save,
             "fan_in_fan_out": False, "init_lora_weights": True,
         }
+        if self.exclude:  # written only when set: peft before 0.14 has no such option
+            d["exclude_modules"] = self.exclude
+        return d
 
     @classmethod
     def from_peft(cls, d: dict) -> "LoRAConfig":
@@ -66,10 +78,15 @@ class LoRAConfig(DeltaConfig, PeftConvertible):
         for key in ("use_qalora", "use_bdlora", "target_parameters", "layer_replication", "trainable_token_indices"):
             if d.get(key):
                 raise ConfigError(f"PEFT LoRA option {key}={d[key]!r} is not supported by deltatune.")
-        targets = d.get("target_modules")
+        targets, exclude = d.get("target_modules"), d.get("exclude_modules") or None
+        layers = d.get("layers_to_transform")
+        layers = None if layers == [] else layers  # PEFT: an empty list restricts nothing
+        pattern = (d.get("layers_pattern") or None) if layers is not None else None  # PEFT: unused without layers
         return cls(r=d.get("r", 8), alpha=d.get("lora_alpha", 8), dropout=d.get("lora_dropout", 0.0),
                    targets=targets if isinstance(targets, str) else list(targets or []),
-                   layers=d.get("layers_to_transform"), rank_pattern=d.get("rank_pattern") or None,
+                   exclude=exclude if exclude is None or isinstance(exclude, str) else list(exclude),
+                   layers=layers, layers_pattern=pattern,
+                   rank_pattern=d.get("rank_pattern") or None,
                    alpha_pattern=d.get("alpha_pattern") or None, use_rslora=d.get("use_rslora", False),
                    use_dora=d.get("use_dora", False), modules_to_save=d.get("modules_to_save"))
 
@@ -160,7 +177,9 @@ class LoRAEmbedding(AddsToOutput):
 
 def build(model: nn.Module, config: LoRAConfig) -> dict[str, DeltaPiece]:
     pieces = {}
-    for path in find_targets(model, config.targets, config.layers, types=(*LINEAR_TYPES, nn.Embedding)):
+    paths = find_targets(model, config.targets, config.layers, types=(*LINEAR_TYPES, nn.Embedding),
+                         exclude=config.exclude, layers_pattern=config.layers_pattern)
+    for path in paths:
         base = unwrap(model.get_submodule(path))
         r, scale = config.for_module(path)
         if isinstance(base, nn.Embedding):

@@ -18,14 +18,19 @@ from __future__ import annotations
 
 from .registry import RECIPES, Recipe, get_recipe, recipe_names, register_recipe
 from . import task, adaptive, intermediate, multitask, joint, pet, instruction, ipt, robust  # noqa: F401,E402
-from .common import save_run_config, write_results  # noqa: E402
+from .common import write_results  # noqa: E402
+from .run_folder import prepare  # noqa: E402
+from ..train.run_start import begin_writing, deferred  # noqa: E402
 
 
-def run(cfg) -> dict:
-    """Run the recipe a RunConfig names; writes run.yaml and results.json in output_dir."""
-    save_run_config(cfg, f"{cfg.output_dir}/run.yaml")
-    results = get_recipe(cfg.recipe).run(cfg)
-    write_results(cfg.output_dir, results)
+def run(cfg, overwrite: bool = False, allow_changes: bool = False) -> dict:
+    """Run the recipe a RunConfig names; writes run.yaml and results.json in output_dir.
+    An output_dir that holds a run is refused unless cfg.train.resume (same config, or
+    allow_changes) or overwrite; nothing is written before the recipe's first file."""
+    with deferred(prepare(cfg, overwrite, allow_changes)):
+        results = get_recipe(cfg.recipe).run(cfg)
+        begin_writing()  # a recipe that wrote nothing itself
+        write_results(cfg.output_dir, results)
     return results
 
 

@@ -17,11 +17,12 @@ from ..compose import Stack
 from ..core.registry import config_from_dict
 from ..core.errors import ConfigError
 from ..core.model import DeltaModel, attach
-from ..data.sources import DataConfig, load_examples
+from ..data.sources import DataConfig, Splits, load_examples
 from ..data.tasks import TaskConfig
 from .registry import register_recipe
-from .common import (body_config, carry_delta, check_train_changes, evaluate_task, fit, for_task, lm_objective,
-                     load_body_delta, load_data, load_tokenizer, phase_config, save_final, task_job, texts_of)
+from .common import (body_config, carry_delta, check_train_changes, evaluate_task, evaluate_test, fit, for_task,
+                     lm_objective, load_body_delta, load_data, load_tokenizer, phase_config, save_final, task_job,
+                     texts_of)
 
 CARRY = ("continue", "merge", "stack")
 
@@ -46,16 +47,15 @@ class AdaptiveOptions:
                               "carry: merge / stack for a separate adaptation delta.")
 
 
-def adapt(cfg, opts, tok, task_train, task_eval):
-    """Phase 1: the LM objective on unlabelled text. Returns (job, results)."""
-    if opts.data is not None:
-        train, test, _ = load_examples(opts.data)
-        train, test = texts_of(train, opts.text_key), texts_of(test, opts.text_key)
-    else:
-        train, test = texts_of(task_train, cfg.task.text_key), texts_of(task_eval, cfg.task.text_key)
+def adapt(cfg, opts, tok, task_splits: Splits):
+    """Phase 1: the LM objective on unlabelled text (recipe.data, else the task's own text).
+    Returns (job, results)."""
+    source, key = (load_examples(opts.data), opts.text_key) if opts.data is not None else \
+        (task_splits, cfg.task.text_key)
+    splits = Splits(*(texts_of(rows, key) for rows in source[:3]), None, source.sources)
     lm_task = TaskConfig(type=lm_objective(cfg, tok, opts.objective), max_length=opts.max_length)
     delta = body_config(config_from_dict(opts.delta) if opts.delta else cfg.delta_config(), opts.heads)
-    job = task_job(cfg, task=lm_task, delta=delta, tokenizer=tok, examples=(train, test, None))
+    job = task_job(cfg, task=lm_task, delta=delta, tokenizer=tok, examples=splits)
     result = fit(job, phase_config(cfg, "adapt", **opts.train))
     result["objective"] = lm_task.type
     return job, result
@@ -65,7 +65,7 @@ def run(cfg) -> dict:
     opts = cfg.recipe_options
     tok = load_tokenizer(cfg.model.path)
     examples = load_data(cfg.data, cfg.task)
-    lm_job, adapted = adapt(cfg, opts, tok, examples[0], examples[1])
+    lm_job, adapted = adapt(cfg, opts, tok, examples)
     task_delta = cfg.delta_config()
 
     def prepare(base):
@@ -100,7 +100,7 @@ def evaluate(cfg, delta_dir) -> dict:
         model.set_active(Stack("adapted", "default"))
         return model
     job = task_job(cfg, prepare=prepare)
-    return job.trainer(for_task(phase_config(cfg, save=False), job.task)).evaluate()
+    return evaluate_test(job, for_task(phase_config(cfg, save=False), job.task))
 
 
 register_recipe("adaptive", AdaptiveOptions, run, evaluate)

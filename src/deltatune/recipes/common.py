@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -20,9 +20,10 @@ from ..core.io import atomic_write, read_delta
 from ..core.model import DeltaModel, attach
 from ..core.targets import output_head_names
 from ..data.models import load_model, load_tokenizer, resolve_path
-from ..data.sources import DataConfig, load_examples
-from ..data.tasks import TaskConfig, auto_class, encode_labels, label_names, task_type
+from ..data.sources import DataConfig, Splits, load_examples
+from ..data.tasks import TaskConfig, auto_class, prepare_splits, task_type
 from ..train import TrainConfig, Trainer, default_loss
+from ..train.run_start import begin_writing
 
 TASK_METRICS = {"classification": ("accuracy", "macro_f1", "loss"), "token_classification": ("accuracy", "macro_f1"),
                 "causal_lm": ("loss", "perplexity"), "masked_lm": ("loss", "perplexity"),
@@ -32,27 +33,28 @@ TASK_METRICS = {"classification": ("accuracy", "macro_f1", "loss"), "token_class
 
 @dataclass
 class Job:
-    """Everything one phase of training needs; `trainer()` puts it on the one loop."""
+    """Everything one phase of training needs; `trainer()` puts it on the one loop. The trainer
+    selects the best delta and stops early on `validation`; `test` is only reported (after training)."""
     model: Any
     tokenizer: Any
     task: TaskConfig
     train: list
-    eval: list
+    validation: list
     collate: Callable
     eval_fn: Callable
     loss_fn: Callable = default_loss
     labels: list[str] | None = None
+    test: list = field(default_factory=list)
 
     def trainer(self, config: TrainConfig, **kwargs) -> Trainer:
-        return Trainer(self.model, config, self.train, self.eval or None, collate_fn=self.collate,
+        return Trainer(self.model, config, self.train, self.validation or None, collate_fn=self.collate,
                        loss_fn=self.loss_fn, eval_fn=self.eval_fn, **kwargs)
 
 
-def load_data(data: DataConfig, task: TaskConfig):
-    """(train examples, eval examples, label names) with labels encoded as ids."""
-    train, test, names = load_examples(data)
-    names = label_names(task, train, names)
-    return encode_labels(task, train, names), encode_labels(task, test, names), names
+def load_data(data: DataConfig, task: TaskConfig) -> Splits:
+    """The train / validation / test examples of a data config, checked for the task (columns,
+    labels) and with labels encoded as ids; `labels` holds the class names (None: generative)."""
+    return prepare_splits(task, load_examples(data))
 
 
 def build_base(cfg, task: TaskConfig, tokenizer, labels: list[str] | None = None, auto=None):
@@ -68,6 +70,8 @@ def build_base(cfg, task: TaskConfig, tokenizer, labels: list[str] | None = None
 
 
 def featurize(tokenizer, task: TaskConfig, examples, for_eval=False):
+    if not examples:  # an empty split (no test file, a validation share too small to hold a row)
+        return []
     return task_type(task).featurize(tokenizer, examples, task, for_eval)
 
 
@@ -75,10 +79,11 @@ def task_job(cfg, data: DataConfig | None = None, task: TaskConfig | None = None
              delta_dir=None, tokenizer=None, examples=None, prepare: Callable | None = None) -> Job:
     """A Job for one task: tokenizer, base model with a new delta (or one loaded from delta_dir,
     or whatever `prepare(base) -> DeltaModel` makes of it), features, collator and the task's
-    evaluation function. `examples` = (train, eval, label names) skips loading `data`."""
+    evaluation function. `examples` (Splits) skips loading `data`."""
     data, task = data or cfg.data, task or cfg.task
     tok = tokenizer or load_tokenizer(cfg.model.path)
-    train, test, names = examples or load_data(data, task)
+    splits = examples or load_data(data, task)
+    names = splits.labels
     torch.manual_seed(cfg.train.seed)  # the head's and the delta's initialisation follow the run's seed
     base = build_base(cfg, task, tok, names)
     if prepare is not None:
@@ -88,8 +93,9 @@ def task_job(cfg, data: DataConfig | None = None, task: TaskConfig | None = None
     else:
         model = attach(base, delta or cfg.delta_config())
     kind = task_type(task)
-    return Job(model, tok, task, featurize(tok, task, train), featurize(tok, task, test, for_eval=True),
-               kind.collator(tok, task), kind.eval_fn(tok, task), labels=names)
+    return Job(model, tok, task, featurize(tok, task, splits.train), featurize(tok, task, splits.validation, True),
+               kind.collator(tok, task), kind.eval_fn(tok, task), labels=names,
+               test=featurize(tok, task, splits.test, for_eval=True))
 
 
 def phase_config(cfg, sub: str | None = None, **changes) -> TrainConfig:
@@ -107,27 +113,39 @@ def for_task(train: TrainConfig, task: TaskConfig) -> TrainConfig:
 
 
 def fit(job: Job, train: TrainConfig, evaluate_before: bool = True, **trainer_kwargs) -> dict:
-    """Train one phase; {before, fit, after} metrics (eval data permitting)."""
+    """Train one phase, selecting the delta on the validation split. Returns {before: the untrained
+    delta on the reported split (test, else validation), fit, validation: the selected delta's
+    validation metrics, test: its test metrics} (splits permitting)."""
     trainer = job.trainer(for_task(train, job.task), **trainer_kwargs)
     out = {}
-    if evaluate_before and job.eval:
-        out["before"] = trainer.evaluate()
+    reported = job.test or job.validation
+    if evaluate_before and reported:
+        out["before"] = trainer.evaluate(reported)
     out["fit"] = trainer.fit()
-    if job.eval:
-        out["after"] = final_metrics(trainer, out["fit"]["steps"])
+    if job.validation:
+        out["validation"] = selected_metrics(trainer, out["fit"])
+    if job.test:
+        out["test"] = trainer.evaluate(job.test)
     out["trainable"] = job.model.trainable_summary() if hasattr(job.model, "trainable_summary") else None
     return out
 
 
-def final_metrics(trainer, steps: int) -> dict:
-    """Metrics of the trained model: the loop's own evaluation at the last step when it made
-    one (no second pass over the data), else a fresh evaluation."""
+def selected_metrics(trainer, fit_result: dict) -> dict:
+    """Validation metrics of the delta the trainer ended with (the best one it put back, or the
+    last): the loop's own evaluation at that step when it made one, else a fresh evaluation."""
+    step = fit_result["selected_step"]
     for record in reversed(trainer.history):
-        if any(k.startswith("eval_") for k in record):
-            if record.get("step") == steps:
-                return {k[5:]: v for k, v in record.items() if k.startswith("eval_")}
-            break
+        if record.get("step") == step and any(k.startswith("eval_") for k in record):
+            return {k[5:]: v for k, v in record.items() if k.startswith("eval_")}
     return trainer.evaluate()
+
+
+def evaluate_test(job: Job, config: TrainConfig) -> dict:
+    """`deltatune eval`: a loaded delta's metrics on the test split (what results.json reports)."""
+    if not job.test:
+        raise ConfigError("The data config gives no test examples: set data.eval to a test file, or "
+                          "data.test_fraction > 0 with data.source.")
+    return job.trainer(config).evaluate(job.test)
 
 
 def carry_delta(src: DeltaModel, dst_base, name: str = "default", config=None, new_name: str | None = None,
@@ -162,6 +180,7 @@ def body_config(config, heads: list[str] | None = None):
 
 
 def save_final(model, output_dir, sub="final") -> str:
+    begin_writing()
     path = Path(output_dir) / sub
     model.save_pretrained(path)
     return str(path)
@@ -189,9 +208,7 @@ def _json_default(x):
 def evaluate_task(cfg, delta_dir) -> dict:
     """`deltatune eval` for recipes whose final delta is a plain task delta."""
     job = task_job(cfg, delta_dir=delta_dir)
-    if not job.eval:
-        raise ConfigError("The data config gives no evaluation examples (set data.eval or data.test_fraction).")
-    return job.trainer(for_task(phase_config(cfg, save=False), job.task)).evaluate()
+    return evaluate_test(job, for_task(phase_config(cfg, save=False), job.task))
 
 
 def check_train_changes(changes: dict, where: str) -> dict:

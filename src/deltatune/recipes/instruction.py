@@ -125,7 +125,7 @@ def evaluate_tasks(model, tok, tasks, evals, system=None) -> dict:
 
 def instruction_setup(cfg):
     """(tokenizer, SFT task config, seen tasks, held-out tasks, shuffled training mixture,
-    evaluation rows per task) of a run."""
+    test rows per task, validation rows per task) of a run."""
     opts = cfg.recipe_options
     tok = load_tokenizer(cfg.model.path)
     sft = TaskConfig(type="sft", max_length=cfg.task.max_length, system=cfg.task.system,
@@ -134,20 +134,21 @@ def instruction_setup(cfg):
         tok.chat_template = sft.chat_template
     seen = [t for t in opts.tasks if t.name not in opts.held_out]
     held = [t for t in opts.tasks if t.name in opts.held_out]
-    train, evals = [], {}
+    train, evals, validation = [], {}, {}
     for t in opts.tasks:
-        tr, te, _ = load_examples(t.data)
-        evals[t.name] = te[:opts.max_eval]
+        split = load_examples(t.data)
+        evals[t.name], validation[t.name] = split.test[:opts.max_eval], split.validation
         if t in seen:
-            train += sft_examples(t, tr)
+            train += sft_examples(t, split.train)
     random.Random(cfg.train.seed).shuffle(train)
-    return tok, sft, seen, held, train, evals
+    return tok, sft, seen, held, train, evals, validation
 
 
 def run(cfg) -> dict:
     opts = cfg.recipe_options
-    tok, sft, seen, held, train, evals = instruction_setup(cfg)
-    seen_eval = [e for t in seen for e in sft_examples(t, evals[t.name][:32])]  # the loop's perplexity monitor
+    tok, sft, seen, held, train, evals, validation = instruction_setup(cfg)
+    # the loop's perplexity monitor (best delta, early stopping): the seen tasks' validation rows
+    seen_eval = [e for t in seen for e in sft_examples(t, validation[t.name][:32])]
     torch.manual_seed(cfg.train.seed)
     model = attach(build_base(cfg, sft, tok), cfg.delta_config())
     job = Job(model, tok, sft, tokenize_sft(tok, train, sft.max_length, system=sft.system),
@@ -167,7 +168,7 @@ def run(cfg) -> dict:
 def evaluate(cfg, delta_dir) -> dict:
     """A saved delta's zero-shot scores on the held-out tasks (`zero_shot_after` of run), and
     on the training tasks' evaluation rows too with `evaluate_seen`."""
-    tok, sft, seen, held, _, evals = instruction_setup(cfg)
+    tok, sft, seen, held, _, evals, _ = instruction_setup(cfg)
     model = DeltaModel.from_pretrained(build_base(cfg, sft, tok), delta_dir)
     model.to(make_accelerator(cfg.train.mixed_precision, cfg.train.use_cpu).device)  # where run() scores it
     out = evaluate_tasks(model, tok, held, evals, sft.system)

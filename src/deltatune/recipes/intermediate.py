@@ -13,8 +13,8 @@ from ..core.model import DeltaModel, attach
 from ..data.sources import DataConfig
 from ..data.tasks import TaskConfig
 from .registry import register_recipe
-from .common import (carry_delta, check_train_changes, evaluate_task, fit, for_task, load_body_delta, load_tokenizer,
-                     phase_config, save_final, task_job)
+from .common import (carry_delta, check_train_changes, evaluate_task, evaluate_test, fit, for_task, load_body_delta,
+                     load_tokenizer, phase_config, save_final, task_job)
 
 
 @dataclass
@@ -61,7 +61,7 @@ def evaluate(cfg, delta_dir) -> dict:
         body = load_body_delta(base, Path(delta_dir) / "intermediate", "intermediate")
         return DeltaModel.from_pretrained(body.merge_and_unload(), delta_dir)
     job = task_job(cfg, prepare=prepare)
-    return job.trainer(for_task(phase_config(cfg, save=False), job.task)).evaluate()
+    return evaluate_test(job, for_task(phase_config(cfg, save=False), job.task))
 
 
 register_recipe("intermediate", IntermediateOptions, run, evaluate)

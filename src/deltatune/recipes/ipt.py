@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from ..core.errors import ConfigError
 from ..data.retrieval import SentenceEncoder, nearest_demonstrations
 from .registry import register_recipe
-from .common import fit, load_data, load_tokenizer, phase_config, save_final
+from .common import evaluate_test, fit, load_data, load_tokenizer, phase_config, save_final
 from .pet import PetOptions, cloze_job
 
 
@@ -31,17 +31,18 @@ class IptOptions(PetOptions):
 
 
 def demonstration_prefixes(cfg, opts) -> tuple[list[str], list[str]]:
-    """Per training and evaluation example: its k nearest training examples, each rendered as
-    the pattern with its verbalizer word in the blank."""
+    """Per training, validation and test example: its k nearest training examples, each rendered
+    as the pattern with its verbalizer word in the blank."""
     if opts.k == 0:
-        return None, None
+        return None, None, None
     tok = load_tokenizer(cfg.model.path)
-    train, test, _ = load_data(cfg.data, cfg.task)
+    train, validation, test, *_ = load_data(cfg.data, cfg.task)
     key, lab = cfg.task.text_key, cfg.task.label_key
     texts = [str(e[key]) for e in train]
     encoder = SentenceEncoder(opts.encoder)
     near_train = nearest_demonstrations(encoder, texts, None, opts.k)
-    near_test = nearest_demonstrations(encoder, texts, [str(e[key]) for e in test], opts.k) if test else []
+    near = [nearest_demonstrations(encoder, texts, [str(e[key]) for e in rows], opts.k) if rows else []
+            for rows in (validation, test)]
 
     def demo(j):
         short = tok.decode(tok(texts[j], add_special_tokens=False)["input_ids"][:opts.demo_max_tokens])
@@ -52,7 +53,7 @@ def demonstration_prefixes(cfg, opts) -> tuple[list[str], list[str]]:
 
     def prefixes(rows):
         return ["".join(demo(int(j)) for j in row) for row in rows]
-    return prefixes(near_train), prefixes(near_test)
+    return prefixes(near_train), prefixes(near[0]), prefixes(near[1])
 
 
 def run(cfg) -> dict:
@@ -67,7 +68,7 @@ def run(cfg) -> dict:
 def evaluate(cfg, delta_dir) -> dict:
     opts = cfg.recipe_options
     job = cloze_job(cfg, opts, demonstration_prefixes(cfg, opts), delta_dir=delta_dir)
-    return job.trainer(phase_config(cfg, save=False)).evaluate()
+    return evaluate_test(job, phase_config(cfg, save=False))
 
 
 register_recipe("ipt", IptOptions, run, evaluate)

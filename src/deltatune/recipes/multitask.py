@@ -24,7 +24,7 @@ from ..eval.evaluators import model_inputs
 from ..methods.partial import PartialConfig
 from ..train.metrics import classification_metrics
 from .registry import register_recipe
-from .common import (Job, body_config, build_base, featurize, fit, for_task, load_data, load_tokenizer,
+from .common import (Job, body_config, build_base, evaluate_test, featurize, fit, for_task, load_data, load_tokenizer,
                      phase_config, save_final)
 from ..data.text import Collator
 
@@ -75,7 +75,7 @@ def multitask_job(cfg, delta_dir=None):
     tok = load_tokenizer(cfg.model.path)
     specs = [TaskSpec(opts.main_name, cfg.data, cfg.task)] + list(opts.tasks)
     loaded = [load_data(s.data, s.task) for s in specs]
-    sizes = [len(names) for _, _, names in loaded]
+    sizes = [len(s.labels) for s in loaded]
     names = [s.name for s in specs]
     torch.manual_seed(cfg.train.seed)
     base = build_base(cfg, cfg.task, tok, [str(i) for i in range(max(sizes))])
@@ -94,10 +94,11 @@ def multitask_job(cfg, delta_dir=None):
                                   "multitask run with other task names.")
             model.load_delta(path, f"head_{n}")
     rng = random.Random(cfg.train.seed)
-    train, evals = [], []
-    for t, (s, (tr, te, _)) in enumerate(zip(specs, loaded)):
-        train += batches_of(featurize(tok, s.task, tr), cfg.train.batch_size, t, rng)
-        evals += batches_of(featurize(tok, s.task, te, True), cfg.train.eval_batch_size, t, rng)
+    train, validation, test = [], [], []
+    for t, (s, split) in enumerate(zip(specs, loaded)):
+        train += batches_of(featurize(tok, s.task, split.train), cfg.train.batch_size, t, rng)
+        validation += batches_of(featurize(tok, s.task, split.validation, True), cfg.train.eval_batch_size, t, rng)
+        test += batches_of(featurize(tok, s.task, split.test, True), cfg.train.eval_batch_size, t, rng)
 
     def activate(task):
         model.set_active(["default", f"head_{names[task]}"])
@@ -127,7 +128,8 @@ def multitask_job(cfg, delta_dir=None):
             metrics[k] = sum(vals) / len(vals) if vals else 0.0
         return metrics
 
-    job = Job(model, tok, cfg.task, train, evals, TaskBatchCollator(tok.pad_token_id), eval_fn, loss_fn)
+    job = Job(model, tok, cfg.task, train, validation, TaskBatchCollator(tok.pad_token_id), eval_fn, loss_fn,
+              test=test)
     return job, names, sizes, loaded
 
 
@@ -142,17 +144,15 @@ def run(cfg) -> dict:
     result = fit(job, train_config(cfg))
     model.set_active(["default"] + [f"head_{n}" for n in names])
     result["delta"] = save_final(model, cfg.output_dir)
-    result["tasks"] = {n: {"train": len(tr), "eval": len(te), "labels": k} for n, (tr, te, _), k in
-                       zip(names, loaded, sizes)}
+    result["tasks"] = {n: {"train": len(s.train), "validation": len(s.validation), "test": len(s.test), "labels": k}
+                       for n, s, k in zip(names, loaded, sizes)}
     return result
 
 
 def evaluate(cfg, delta_dir) -> dict:
     """Per-task accuracy / macro-F1 (and their means) of a saved shared delta and its heads."""
     job, *_ = multitask_job(cfg, delta_dir=delta_dir)
-    if not job.eval:
-        raise ConfigError("The tasks' data configs give no evaluation examples (set data.eval or test_fraction).")
-    return job.trainer(for_task(train_config(cfg, save=False), job.task)).evaluate()
+    return evaluate_test(job, for_task(train_config(cfg, save=False), job.task))
 
 
 register_recipe("multitask", MultitaskOptions, run, evaluate)

@@ -21,7 +21,8 @@ from ..data.tasks import TaskConfig
 from ..data.text import Collator, chat_text
 from ..train.metrics import classification_metrics
 from .registry import register_recipe
-from .common import Job, build_base, fit, lm_objective, load_data, load_tokenizer, phase_config, save_final
+from .common import (Job, build_base, evaluate_test, fit, lm_objective, load_data, load_tokenizer, phase_config,
+                     save_final)
 from ..core.model import DeltaModel, attach
 
 
@@ -115,12 +116,14 @@ def make_objective(ids):
     return loss_fn, eval_fn
 
 
-def cloze_job(cfg, opts, prefixes=(None, None), delta_dir=None) -> Job:
+def cloze_job(cfg, opts, prefixes=(None, None, None), delta_dir=None) -> Job:
     """A Job whose model is the LM (MLM or causal) with the run's delta and whose objective is
-    the verbalizer cross-entropy. prefixes: per-example text put before the pattern (train, eval)."""
+    the verbalizer cross-entropy. prefixes: per-example text put before the pattern (train,
+    validation, test)."""
     tok = load_tokenizer(cfg.model.path)
     causal = lm_objective(cfg, tok, opts.objective) == "causal_lm"
-    train, test, names = load_data(cfg.data, cfg.task)
+    splits = load_data(cfg.data, cfg.task)
+    names = splits.labels
     if names is not None and len(opts.verbalizer) != len(names):
         raise ConfigError(f"recipe.verbalizer has {len(opts.verbalizer)} words for {len(names)} labels {names}.")
     ids = verbalizer_ids(tok, opts.verbalizer)
@@ -128,9 +131,10 @@ def cloze_job(cfg, opts, prefixes=(None, None), delta_dir=None) -> Job:
     base = build_base(cfg, lm_task, tok)
     model = DeltaModel.from_pretrained(base, delta_dir) if delta_dir else attach(base, cfg.delta_config())
     feats = [cloze_features(tok, d, opts.pattern, causal, opts.chat, cfg.task.max_length, cfg.task.text_key,
-                            cfg.task.label_key, p) for d, p in zip((train, test), prefixes)]
+                            cfg.task.label_key, p) for d, p in zip(splits[:3], prefixes)]
     loss_fn, eval_fn = make_objective(ids)
-    return Job(model, tok, cfg.task, feats[0], feats[1], Collator(tok.pad_token_id), eval_fn, loss_fn, names)
+    return Job(model, tok, cfg.task, feats[0], feats[1], Collator(tok.pad_token_id), eval_fn, loss_fn, names,
+               test=feats[2])
 
 
 def run(cfg) -> dict:
@@ -142,7 +146,7 @@ def run(cfg) -> dict:
 
 def evaluate(cfg, delta_dir) -> dict:
     job = cloze_job(cfg, cfg.recipe_options, delta_dir=delta_dir)
-    return job.trainer(phase_config(cfg, save=False)).evaluate()
+    return evaluate_test(job, phase_config(cfg, save=False))
 
 
 register_recipe("pet", PetOptions, run, evaluate)

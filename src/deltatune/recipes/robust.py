@@ -17,7 +17,8 @@ from pathlib import Path
 
 from ..core.errors import ConfigError
 from .registry import register_recipe
-from .common import evaluate_task, for_task, load_data, load_tokenizer, phase_config, task_job
+from .common import (evaluate_task, for_task, load_data, load_tokenizer, phase_config, save_final, selected_metrics,
+                     task_job)
 from .regularizers import KINDS, SpectralNormHead, make_regularized_loss
 
 
@@ -66,8 +67,9 @@ def run(cfg) -> dict:
     opts = cfg.recipe_options
     tok = load_tokenizer(cfg.model.path)
     examples = load_data(cfg.data, cfg.task)
-    if not examples[1]:
-        raise ConfigError("Seed abandonment scores runs on validation data: give data.eval or data.test_fraction.")
+    if not examples.validation:
+        raise ConfigError("Seed abandonment scores runs on validation data: give data.validation or "
+                          "data.validation_fraction > 0.")
     runs = {}
     for seed in opts.seeds:  # phase 1: every seed up to the abandonment point
         job, callbacks = seed_job(cfg, opts, seed, tok, examples)
@@ -90,18 +92,21 @@ def run(cfg) -> dict:
     for seed in ranked[:opts.keep]:  # phase 2: the best continue from their checkpoints
         job, callbacks = seed_job(cfg, opts, seed, tok, examples)
         trainer = job.trainer(dataclasses.replace(runs[seed]["config"], resume=True), callbacks=callbacks)
-        fit = trainer.fit()
-        finished[seed] = {"fit": fit, "after": trainer.evaluate()}
+        fit = trainer.fit()  # ends with the seed's best delta on validation
+        finished[seed] = {"fit": fit, "validation": selected_metrics(trainer, fit)}
+        if job.test:
+            finished[seed]["test"] = trainer.evaluate(job.test)
+        save_final(job.model, Path(cfg.output_dir) / f"seed_{seed}")
         runs[seed]["finished"] = True
     metric = runs[ranked[0]]["config"].metric
-    best = sorted(finished, key=lambda s: finished[s]["after"][metric], reverse=greater)[0]
+    best = sorted(finished, key=lambda s: finished[s]["validation"][metric], reverse=greater)[0]
     final = Path(cfg.output_dir) / "final"
     shutil.rmtree(final, ignore_errors=True)
-    shutil.copytree(Path(cfg.output_dir) / f"seed_{best}" / "last", final)
+    shutil.copytree(Path(cfg.output_dir) / f"seed_{best}" / "final", final)
     for r in runs.values():
         r.pop("config")
     return {"metric": metric, "ranking_at_abandon": ranked, "abandoned": ranked[opts.keep:], "runs": runs,
-            "finished": finished, "best_seed": best, "best": finished[best]["after"], "delta": str(final)}
+            "finished": finished, "best_seed": best, "best": finished[best], "delta": str(final)}
 
 
 register_recipe("robust", RobustOptions, run, evaluate_task)

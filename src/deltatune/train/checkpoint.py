@@ -6,6 +6,7 @@ A checkpoint is a directory `output_dir/checkpoints/checkpoint-<step>` holding
                          other trainable parameter (all of a plain nn.Module's state)
   optimizer.safetensors + optimizer.json, scheduler.json
   rng-<rank>.json + rng-<rank>.safetensors   python, numpy, torch CPU and per-device RNG states
+  best_state.safetensors the best delta so far (put back at the end: TrainConfig.load_best_at_end)
   trainer_state.json     step, data position (epoch, micro-batch), early stopping, history,
                          fp16's loss scale
 It is assembled in a temporary directory and renamed into place, so a directory
@@ -29,6 +30,7 @@ from ..core.io import untied
 
 STATE_NAME = "trainer_state.json"
 ORDER_NAME = "order.json"  # delta/: the names in attach order
+BEST_NAME = "best_state.safetensors"  # the best delta so far (TrainConfig.load_best_at_end)
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 
 
@@ -212,8 +214,10 @@ def load_rng(directory: Path, rank: int) -> None:
 
 
 # -- whole checkpoints -----------------------------------------------------
-def write_checkpoint(accelerator, output_dir, state: dict, model, optimizer, scheduler, keep: int) -> Path:
-    """Every process writes its RNG state; the main process writes the rest and renames."""
+def write_checkpoint(accelerator, output_dir, state: dict, model, optimizer, scheduler, keep: int,
+                     best_state: dict | None = None) -> Path:
+    """Every process writes its RNG state; the main process writes the rest and renames.
+    `best_state`: the tensors of the best delta so far (put back at the end of a resumed run)."""
     root = checkpoints_dir(output_dir)
     final = root / f"checkpoint-{state['step']:08d}"
     tmp = root / f".tmp-checkpoint-{state['step']:08d}"
@@ -229,6 +233,8 @@ def write_checkpoint(accelerator, output_dir, state: dict, model, optimizer, sch
             save_model_state(model, tmp)
         save_optimizer(optimizer, tmp)
         _write_json(tmp / "scheduler.json", scheduler.state_dict())
+        if best_state is not None:
+            save_file(untied(best_state), str(tmp / BEST_NAME))
         _write_json(tmp / STATE_NAME, state)  # last: its presence marks a complete checkpoint
         _fsync_tree(tmp)
         if final.exists():  # a fresh run reaching a step an earlier run had saved
@@ -243,6 +249,12 @@ def write_checkpoint(accelerator, output_dir, state: dict, model, optimizer, sch
             shutil.rmtree(stale)
     accelerator.wait_for_everyone()
     return final
+
+
+def read_best_state(path: Path) -> dict | None:
+    """The best delta's tensors a checkpoint holds (None when it holds none)."""
+    file = Path(path) / BEST_NAME
+    return load_file(str(file)) if file.is_file() else None
 
 
 def read_checkpoint(path: Path, accelerator, model, optimizer, scheduler) -> dict:

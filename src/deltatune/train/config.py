@@ -48,6 +48,8 @@ class TrainConfig:
     plot: bool = field(default=True, metadata={"help": "draw output_dir/curves.png (loss and evaluation) at the end"})
     use_cpu: bool = field(default=False, metadata={"help": "train on the CPU even when a GPU is present"})
     num_workers: int = field(default=0, metadata={"help": "DataLoader worker processes for collating batches"})
+    load_best_at_end: bool = field(default=True, metadata={
+        "help": "after training, put the best delta (by `metric` on the evaluation data) back into the model"})
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
@@ -64,6 +66,8 @@ class TrainConfig:
             raise ConfigError("batch_size and grad_accum must be >= 1.")
         if self.mixed_precision not in ("no", "fp16", "bf16"):
             raise ConfigError(f"mixed_precision must be no, fp16 or bf16, got {self.mixed_precision!r}.")
+        if not self.epochs > 0 and not self.max_steps:
+            raise ConfigError(f"epochs must be > 0 (or set max_steps), got {self.epochs}.")
         for name in ("eval_steps", "patience", "checkpoint_every", "keep_checkpoints", "num_workers", "max_steps"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}.")

@@ -18,18 +18,20 @@ from typing import Callable
 import torch
 from torch.utils.data import DataLoader
 
-from ..core.errors import ConfigError
+from ..core.errors import ConfigError, TrainingInterrupted
 from ..core.model import default_loss
 from . import checkpoint as ckpt
 from .batches import local_batches, steps_per_epoch
 from .config import TrainConfig
+from .interrupts import StopRequest
 from .logs import METRICS_NAME, RunLog, append_jsonl, jsonl_size, truncate_jsonl
 from .metrics import classification_metrics
 from .precision import make_precision
+from .run_start import begin_writing
 
 # options that do not change what a run computes (a resumed run may change them freely)
 _COSMETIC = {"output_dir", "resume", "progress", "tensorboard", "plot", "num_workers", "keep_checkpoints",
-             "checkpoint_every", "save"}
+             "checkpoint_every", "save", "load_best_at_end"}
 
 
 def _has_accelerator() -> bool:
@@ -76,7 +78,10 @@ class Trainer:
             model.to(self.device)
         self.out = Path(config.output_dir)
         self.history: list[dict] = []
+        self.best_metrics: dict | None = None  # evaluation metrics of the selected (best) delta
+        self._best_state: dict | None = None   # its tensors (CPU), put back at the end (load_best_at_end)
         self._run_log: RunLog | None = None
+        self._stop: StopRequest | None = None
 
     @property
     def is_main(self) -> bool:
@@ -161,16 +166,24 @@ class Trainer:
         if resumed_from is not None:  # last, so nothing after it draws from the restored generators
             ckpt.load_rng(resumed_from, acc.process_index)
         try:
-            while not state["done"]:
-                self._train_epoch(state, train_model, opt, sched, steps)
-                self._end_epoch(state, opt, sched, steps)
+            with StopRequest() as self._stop:
+                while not state["done"]:
+                    self._train_epoch(state, train_model, opt, sched, steps)
+                    self._end_epoch(state, opt, sched, steps)
+                    if not state["done"] and self._stop_requested():
+                        self._interrupted(state, opt, sched, written=True)
         finally:
             self._run_log.close(self.history, plot=c.plot)
-            self._run_log = None
+            self._run_log, self._stop = None, None
         self._save("last")
         acc.wait_for_everyone()
+        self.best_metrics = state["best_metrics"]
+        selected = state["step"]
+        if c.load_best_at_end and self._best_state is not None and state.get("best_step") != state["step"]:
+            self.model.load_state_dict(self._best_state, strict=True)
+            selected = state["best_step"]
         return {"steps": state["step"], "epochs": state["epoch"], "train_seconds": round(state["train_seconds"], 2),
-                "stopped_early": state["stopped_early"],
+                "stopped_early": state["stopped_early"], "selected_step": selected,
                 **{f"best_{k}": v for k, v in (state["best_metrics"] or {}).items()}}
 
     def _train_epoch(self, state, model, opt, sched, steps) -> None:
@@ -218,8 +231,11 @@ class Trainer:
             if c.eval_steps and state["step"] % c.eval_steps == 0 and self.eval_data is not None:
                 self._evaluate_and_track(state, epoch=round(state["epoch"] + state["batch"] / len(batches), 4))
                 model.train()
-            if c.checkpoint_every and state["step"] % c.checkpoint_every == 0:
+            written = bool(c.checkpoint_every and state["step"] % c.checkpoint_every == 0)
+            if written:
                 self._checkpoint(state, opt, sched)
+            if state["batch"] < len(batches) and state["step"] < steps and self._stop_requested():
+                self._interrupted(state, opt, sched, written)  # at an epoch's end, fit() asks after _end_epoch
             if state["step"] >= steps or state["stopped_early"]:
                 break
             running, examples, clock = 0.0, 0, time.perf_counter()
@@ -248,6 +264,9 @@ class Trainer:
         best = state["best_score"]
         if best is None or (score > best if greater else score < best):
             state["best_score"], state["best_metrics"], state["bad_evals"] = score, metrics, 0
+            state["best_step"] = state["step"]
+            if c.load_best_at_end:
+                self._best_state = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
             self._save("best")
         else:
             state["bad_evals"] += 1
@@ -264,13 +283,36 @@ class Trainer:
 
     # -- files ---------------------------------------------------------------
     def _fresh_state(self) -> dict:
-        return {"step": 0, "epoch": 0, "batch": 0, "best_score": None, "best_metrics": None, "bad_evals": 0,
-                "last_eval_step": None, "stopped_early": False, "done": False, "train_seconds": 0.0}
+        return {"step": 0, "epoch": 0, "batch": 0, "best_score": None, "best_metrics": None, "best_step": None,
+                "bad_evals": 0, "last_eval_step": None, "stopped_early": False, "done": False, "train_seconds": 0.0}
+
+    # -- Ctrl-C --------------------------------------------------------------
+    def _stop_requested(self) -> bool:
+        asked = self._stop is not None and self._stop.requested
+        if self.accelerator.num_processes > 1:  # every process stops at the same step
+            flag = torch.tensor(float(asked), device=self.accelerator.device)
+            asked = self.accelerator.reduce(flag, "sum").item() > 0
+        return asked
+
+    def _interrupted(self, state, opt, sched, written: bool) -> None:
+        """Write a checkpoint at this step boundary (unless one was just written) and last/, then stop."""
+        c = self.config
+        if not (written and c.keep_checkpoints):
+            self._checkpoint(state, opt, sched, force=True)
+        self._save("last")
+        where = ckpt.latest_checkpoint(self.out) if c.save else None
+        raise TrainingInterrupted(
+            f"Training interrupted at step {state['step']}; " + (
+                f"checkpoint {where} and {self.out / 'last'} written: resume with --resume "
+                "(TrainConfig.resume=True) to continue exactly where it stopped." if where else
+                "no checkpoint written (save=False or keep_checkpoints=0): the run cannot be resumed."),
+            step=state["step"], output_dir=str(self.out))
 
     def _begin(self, opt, sched):
         """A fresh state, or the newest checkpoint's (model, optimizer and scheduler loaded)."""
         c, acc = self.config, self.accelerator
         if self.is_main and c.save:
+            begin_writing()
             ckpt.clean_stale(self.out)
             if not c.resume:  # a fresh run: older checkpoints must not be resumed later
                 shutil.rmtree(ckpt.checkpoints_dir(self.out), ignore_errors=True)
@@ -282,6 +324,10 @@ class Trainer:
                 shutil.rmtree(self.out / "tensorboard", ignore_errors=True)
             return self._fresh_state(), None
         state = ckpt.read_checkpoint(path, acc, self.model, opt, sched)
+        self._best_state = ckpt.read_best_state(path)
+        state.setdefault("best_step", None)
+        if state["done"] and not state["stopped_early"] and state["step"] < self.total_steps():
+            state["done"] = False  # a finished run resumed with a larger budget (epochs / max_steps) goes on
         self.precision.load_state_dict(state.pop("loss_scaler", None))  # fp16's loss scale, where it was
         changed = sorted(k for k, v in state["config"].items()
                          if k not in _COSMETIC and getattr(c, k, v) != v)
@@ -296,15 +342,16 @@ class Trainer:
                 cb.load_state_dict(cb_state)
         return state, path
 
-    def _checkpoint(self, state, opt, sched) -> None:
+    def _checkpoint(self, state, opt, sched, force: bool = False) -> None:
         c = self.config
-        if not c.save or not c.keep_checkpoints:
+        if not c.save or not (c.keep_checkpoints or force):
             return
         full = {**state, "world_size": self.accelerator.num_processes, "config": dataclasses.asdict(c),
                 "history": self.history, "log_bytes": jsonl_size(self.out / METRICS_NAME),
                 "loss_scaler": self.precision.state_dict(),
                 "callbacks": [cb.state_dict() if hasattr(cb, "state_dict") else None for cb in self.callbacks]}
-        ckpt.write_checkpoint(self.accelerator, self.out, full, self.model, opt, sched, c.keep_checkpoints)
+        ckpt.write_checkpoint(self.accelerator, self.out, full, self.model, opt, sched, max(c.keep_checkpoints, 1),
+                              best_state=self._best_state)
 
     def _save(self, tag: str) -> None:
         if self.config.save and self.is_main and hasattr(self.model, "save_pretrained"):
