@@ -9,7 +9,8 @@ from deltatune.core.errors import ConfigError
 from deltatune.data.augment import augment, gender_swap
 from deltatune.data.models import load_tokenizer
 from deltatune.data.sources import DataConfig, load_examples
-from deltatune.data.tasks import TaskConfig, encode_labels, label_names
+from deltatune.data.tasks import TaskConfig
+from deltatune.data.validate import encode_labels, label_names
 from deltatune.data.text import (IGNORE, Collator, MLMCollator, premask, tokenize_causal_lm, tokenize_masked_lm,
                                  tokenize_seq2seq, tokenize_sft, tokenize_token_classification)
 

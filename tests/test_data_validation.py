@@ -9,7 +9,8 @@ import pytest
 from deltatune.core.errors import ConfigError
 from deltatune.data import builtin
 from deltatune.data.sources import DataConfig, Splits, load_examples
-from deltatune.data.tasks import TaskConfig, prepare_splits
+from deltatune.data.tasks import TaskConfig
+from deltatune.data.validate import prepare_splits
 
 
 def snapshot(folder):

@@ -14,7 +14,6 @@ import traceback
 import warnings
 from pathlib import Path
 
-import pytest
 import torch
 import yaml
 from safetensors.torch import load_file, save_file
@@ -387,17 +386,14 @@ DATA_MUTATIONS = [data_truncate, data_random_bytes, data_empty, data_header_only
 
 
 def test_fuzz_data_files(tmp_path):
-    from deltatune.data import sources, tasks
+    from deltatune.data import sources, tasks, validate
 
-    if not (hasattr(sources, "Splits") and hasattr(tasks, "prepare_splits")):
-        pytest.skip("deltatune.data has no Splits / prepare_splits yet (load_examples -> Splits, "
-                    "tasks.prepare_splits(task, splits))")
     rng, tally, total = random.Random(0), Tally("data files"), 150
     task = tasks.TaskConfig(type="classification")
 
     def load(path):
         splits = sources.load_examples(sources.DataConfig(train=str(path)))
-        tasks.prepare_splits(task, splits)
+        validate.prepare_splits(task, splits)
 
     for fmt in ("jsonl", "csv", "tsv"):  # the unmutated files load
         good = tmp_path / f"good.{fmt}"

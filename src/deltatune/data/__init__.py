@@ -3,7 +3,8 @@ from .augment import augment, gender_swap, register_augmentation
 from .builtin import bbc_labels, bbc_news, bbc_titles, minilm_path, sms_spam
 from .models import load_model, load_tokenizer, smollm2_path
 from .sources import DataConfig, Splits, load_examples, read_local
-from .tasks import TASKS, TaskConfig, prepare_splits
+from .tasks import TASKS, TaskConfig
+from .validate import prepare_splits
 from .text import (Collator, MLMCollator, tokenize_causal_lm, tokenize_classification, tokenize_masked_lm,
                    tokenize_seq2seq, tokenize_sft, tokenize_token_classification)
 

@@ -21,7 +21,8 @@ from ..core.model import DeltaModel, attach
 from ..core.targets import output_head_names
 from ..data.models import load_model, load_tokenizer, resolve_path
 from ..data.sources import DataConfig, Splits, load_examples
-from ..data.tasks import TaskConfig, auto_class, prepare_splits, task_type
+from ..data.tasks import TaskConfig, auto_class, task_type
+from ..data.validate import prepare_splits
 from ..train import TrainConfig, Trainer, default_loss
 from ..train.run_start import begin_writing
 
