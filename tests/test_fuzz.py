@@ -176,10 +176,14 @@ def config_files(folder: Path) -> list[Path]:
     return sorted(folder.rglob(CONFIG))
 
 
-def truncate_weights(rng, folder):
-    f = rng.choice(tensor_files(folder))
+def _truncate(rng, files):
+    f = rng.choice(files)
     data = f.read_bytes()
     f.write_bytes(data[:rng.randrange(len(data))])
+
+
+def truncate_weights(rng, folder):
+    _truncate(rng, tensor_files(folder))
 
 
 def flip_bytes(rng, folder):
@@ -241,9 +245,7 @@ def pickle_weights(rng, folder):
 
 
 def truncate_config(rng, folder):
-    f = rng.choice(config_files(folder))
-    data = f.read_bytes()
-    f.write_bytes(data[:rng.randrange(len(data))])
+    _truncate(rng, config_files(folder))
 
 
 def garbage_config(rng, folder):

@@ -78,8 +78,7 @@ class Trainer:
             model.to(self.device)
         self.out = Path(config.output_dir)
         self.history: list[dict] = []
-        self.best_metrics: dict | None = None  # evaluation metrics of the selected (best) delta
-        self._best_state: dict | None = None   # its tensors (CPU), put back at the end (load_best_at_end)
+        self._best_state: dict | None = None  # the best delta's tensors (CPU), put back at the end (load_best_at_end)
         self._run_log: RunLog | None = None
         self._stop: StopRequest | None = None
 
@@ -177,9 +176,8 @@ class Trainer:
             self._run_log, self._stop = None, None
         self._save("last")
         acc.wait_for_everyone()
-        self.best_metrics = state["best_metrics"]
         selected = state["step"]
-        if c.load_best_at_end and self._best_state is not None and state.get("best_step") != state["step"]:
+        if c.load_best_at_end and self._best_state is not None and state["best_step"] != state["step"]:
             self.model.load_state_dict(self._best_state, strict=True)
             selected = state["best_step"]
         return {"steps": state["step"], "epochs": state["epoch"], "train_seconds": round(state["train_seconds"], 2),
@@ -305,7 +303,7 @@ class Trainer:
             f"Training interrupted at step {state['step']}; " + (
                 f"checkpoint {where} and {self.out / 'last'} written: resume with --resume "
                 "(TrainConfig.resume=True) to continue exactly where it stopped." if where else
-                "no checkpoint written (save=False or keep_checkpoints=0): the run cannot be resumed."),
+                "no checkpoint written (save=False): the run cannot be resumed."),
             step=state["step"], output_dir=str(self.out))
 
     def _begin(self, opt, sched):
