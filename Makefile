@@ -29,7 +29,7 @@ test: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) -m pytest tests -q -p no:cacheprovider
 
 bench: $(STAMP)
-	HF_HUB_OFFLINE=1 $(PY) bench/run_all.py
+	HF_HUB_OFFLINE=1 $(PY) -m bench all
 
 # by hand, not in CI: they need the package registries and take a few minutes per profile
 lock:

@@ -68,11 +68,11 @@ def test_class_level_signature_gives_the_trainer_its_label_name():
 
 # -- unknown keywords -------------------------------------------------------------------------
 @pytest.mark.parametrize("bad, hint", [("atention_mask", "Did you mean 'attention_mask'"),
-                                       ("delta_names", "set_active")])
+                                       ("adapter_names", "delta_names")])
 def test_an_unknown_keyword_raises_naming_it(bad, hint):
     model = dt.attach(llama(), dt.LoRAConfig(r=2))
     with pytest.raises(dt.ConfigError, match=bad) as err:
-        model(**batch("llama"), **{bad: ["default"] if bad == "delta_names" else torch.ones(2, 7)})
+        model(**batch("llama"), **{bad: ["default"] * 2 if bad == "adapter_names" else torch.ones(2, 7)})
     assert hint in str(err.value) and "accepts: " in str(err.value) and "input_ids" in str(err.value)
 
 

@@ -12,6 +12,7 @@ misspelt `atention_mask` or a stray dataset column would change nothing without 
 TypedDict its `**kwargs` is annotated with (`Unpack[TransformersKwargs]`), the options every
 transformers model takes outside its signature (`return_dict`, the old cache name), and the
 `extra_inputs` of the active model-level pieces; anything else raises a ConfigError.
+(`delta_names`, one delta per sample, is DeltaModel.forward's own keyword: core/mixed.py.)
 """
 from __future__ import annotations
 
@@ -234,5 +235,5 @@ def unknown_keywords_message(base: nn.Module, unknown: list, accepted) -> str:
     each = " ".join(f"{where} takes no argument {k!r}, so the model would ignore it.{did_you_mean(k, accepted)}"
                     for k in unknown)
     return (f"{each} Fix the name or leave it out (with transformers.Trainer: drop the dataset column; "
-            f"deltas are chosen with model.set_active(...), not per call). "
+            f"deltas are chosen with model.set_active(...), or per sample with delta_names=[...]). "
             f"{where} accepts: {', '.join(sorted(accepted))}.")

@@ -16,6 +16,9 @@ class DeltaConfig:
     each with a docstring-like `metadata={"help": ...}`."""
 
     method: ClassVar[str] = ""
+    # options a hot-swap may change (DeltaModel.hotswap_delta): they change no tensor shape, and
+    # `swap_into` hands their new values to the pieces; every other option must be equal
+    swappable: ClassVar[tuple[str, ...]] = ()
 
     modules_to_save: list[str] | None = dataclasses.field(
         default=None, metadata={"help": "extra modules (e.g. a new classification head) trained and saved whole"})
@@ -46,6 +49,15 @@ class DeltaConfig:
         """Attached deltas this one trains on top of (AdapterFusion's adapters): `add_delta`
         freezes them; `set_trainable(name, True)` undoes it."""
         return []
+
+    def swap_into(self, pieces: dict) -> None:
+        """Give this config's `swappable` values to the pieces {module path: piece} of a delta
+        built from a config that differed only in those (nothing to do by default)."""
+
+    def swap_problem(self, old: "DeltaConfig") -> str | None:
+        """Why a delta of this config cannot be hot-swapped into one built from `old` although
+        only swappable options differ, or None."""
+        return None
 
     def replace(self, **changes) -> "DeltaConfig":
         return dataclasses.replace(self, **changes)

@@ -129,6 +129,7 @@ def load_tensors(model, name: str, tensors: dict, source, task_type: str | None 
         raise IncompatibleDeltaError(
             f"Delta {str(source)!r} has weights for {unowned[0]!r}, which this {type(model.base_model).__name__} "
             "has no place for: the delta was made for another architecture or target set.")
+    checked = []  # every piece is checked before any is loaded: a bad file changes nothing
     for path, piece in pieces.items():
         expected, got = piece.file_state(), grouped[path]
         if not got and _untrained_head(model, name, path, piece):
@@ -153,7 +154,8 @@ def load_tensors(model, name: str, tensors: dict, source, task_type: str | None 
                     f"Delta {str(source)!r} does not fit this base model: module {path!r} weight {k!r} has "
                     f"shape {tuple(v.shape)} in the file but {tuple(expected[k].shape)} here "
                     "(the delta was trained on another base model).")
-        ref = next(iter(expected.values()), None)
+        checked.append((piece, got, next(iter(expected.values()), None)))
+    for piece, got, ref in checked:
         piece.load_file_state({k: v.to(ref.device if ref is not None else "cpu") for k, v in got.items()})
 
 

@@ -22,6 +22,13 @@ def first_input(args, kwargs):
     return args[0] if args else next(iter(kwargs.values()), None)
 
 
+def _hooked(module: nn.Module) -> bool:
+    """Whether forward hooks see the module's call (and may keep its output)."""
+    m = nn.modules.module
+    return bool(module._forward_hooks or module._forward_pre_hooks or m._global_forward_hooks
+                or m._global_forward_pre_hooks)
+
+
 class DeltaLayer(nn.Module):
     """Wrapper put in place of a base module; `deltas` holds one piece per delta name."""
 
@@ -32,7 +39,8 @@ class DeltaLayer(nn.Module):
         self.active: list = []          # names (or a composition object) set by DeltaModel
         self.enabled = True
         self.merged: list[str] = []    # names folded into base_layer's weights
-        self.originals: dict = {}      # base tensors before the first merge
+        self.originals: dict = {}      # with merge(exact=True): base tensors before the first merge (CPU)
+        self.created: set = set()      # base parameters a merge created (a bias the module lacked)
 
     # attribute access falls through to the module that computes the output (weight, in_features,
     # get_encoder(), ...): an active trained copy (full / partial fine-tuning), else the base module
@@ -71,43 +79,69 @@ class DeltaLayer(nn.Module):
             if isinstance(p, ChangesInputs):
                 args, kwargs = p.change_inputs(args, kwargs)
         copies = [p for p in pieces if isinstance(p, ComputesOutput)]
-        out = (copies[-1] if copies else self.base_layer)(*args, **kwargs)
+        module = copies[-1] if copies else self.base_layer
+        out = module(*args, **kwargs)
         x = first_input(args, kwargs)
         if apply is not None:
             return apply(self, x, out)
+        fresh = not _hooked(module)  # nothing but us has seen `out`: the first piece may add in place
         for p in pieces:
             if isinstance(p, AddsToOutput):
-                out = p(x, out, self.base_layer)
+                # add_to_fresh bypasses the piece's own hooks: a hooked piece is called as a module
+                fresh = fresh and not _hooked(p)
+                out = p.add_to_fresh(x, out, self.base_layer) if fresh else p(x, out, self.base_layer)
+                fresh = False
         return out
 
     # -- merging ---------------------------------------------------------
-    def merge(self, name: str) -> None:
-        """Fold `name`'s additive piece here into base_layer's weights; other pieces (and names not
-        attached here) are left as they are."""
+    def merge(self, name: str, exact: bool = False) -> None:
+        """Fold `name`'s additive piece here into base_layer's weights, in place; other pieces (and
+        names not attached here) are left as they are. No copy of the weights is kept: unmerge
+        subtracts again (exact up to float rounding). With exact=True the weights as they are
+        before this merge are kept (on the CPU) until every merged delta here is unmerged, and
+        unmerge restores them bit for bit."""
         if name in self.merged or name not in self.deltas or not isinstance(self.deltas[name], AddsToOutput):
             return
         deltas = self.deltas[name].merge_deltas(self.base_layer)
         with torch.no_grad():
             for pname, dw in deltas.items():
                 param = getattr(self.base_layer, pname)
-                if pname not in self.originals:  # keep the untouched tensor once, for exact unmerge
-                    self.originals[pname] = None if param is None else param.data.clone()
+                if exact and pname not in self.originals:
+                    self.originals[pname] = None if param is None else param.data.to("cpu", copy=True)
                 if param is None:  # a bias the base module did not have (BitFit opt-in)
                     param = nn.Parameter(torch.zeros_like(dw), requires_grad=False)
                     setattr(self.base_layer, pname, param)
+                    self.created.add(pname)
                 param.data += dw.to(param.dtype)
         self.merged.append(name)
 
     def unmerge(self, name: str) -> None:
+        """Take `name` out of the weights again. Deltas merged after it are taken out first and
+        merged again after, so a delta whose merge depends on the weights (DoRA) is inverted
+        against the weights it was merged into."""
         if name not in self.merged:
             return
-        rest = [n for n in self.merged if n != name]
+        i = self.merged.index(name)
+        later, exact = self.merged[i + 1:], bool(self.originals)
         with torch.no_grad():
-            for pname, data in self.originals.items():
-                if data is None:
+            if exact:  # restore the kept weights, then merge the others again
+                for pname, data in self.originals.items():
+                    if data is not None:
+                        getattr(self.base_layer, pname).data.copy_(data)
+                again, self.merged = [n for n in self.merged if n != name], []
+                for pname in self.created:
                     setattr(self.base_layer, pname, None)
-                else:
-                    getattr(self.base_layer, pname).data.copy_(data)
-        self.originals, self.merged = {}, []
-        for n in rest:
-            self.merge(n)
+                self.created = set()
+            else:
+                for n in reversed(self.merged[i:]):
+                    for pname, dw in self.deltas[n].unmerge_deltas(self.base_layer).items():
+                        getattr(self.base_layer, pname).data -= dw.to(getattr(self.base_layer, pname).dtype)
+                again, self.merged = later, self.merged[:i]
+                if not self.merged:
+                    for pname in self.created:  # back to no bias at all, not a zero bias
+                        setattr(self.base_layer, pname, None)
+                    self.created = set()
+        for n in again:
+            self.merge(n, exact=exact)
+        if not self.merged:
+            self.originals = {}

@@ -19,6 +19,7 @@ from .files import config_from_file
 from .heads import default_heads
 from .io import read_delta
 from .layer import DeltaLayer, unwrap
+from .mixed import MixedBatch
 from .overlap import check_active
 from .pieces import MODEL_LEVEL, ComputesOutput, ModelPiece, check_piece
 from .registry import method_of
@@ -168,7 +169,7 @@ class DeltaModel(nn.Module):
     @contextlib.contextmanager
     def disabled(self):
         """Base-model behaviour inside the block (merged deltas are unmerged for it)."""
-        merged = {path: list(layer.merged) for path, layer in self.delta_layers()}
+        merged = {path: (list(layer.merged), bool(layer.originals)) for path, layer in self.delta_layers()}
         self._set_enabled(False)
         for path, layer in self.delta_layers():
             for n in list(layer.merged):
@@ -178,8 +179,9 @@ class DeltaModel(nn.Module):
         finally:
             self._set_enabled(True)
             for path, layer in self.delta_layers():
-                for n in merged.get(path, []):
-                    layer.merge(n)
+                names, exact = merged.get(path, ([], False))
+                for n in names:
+                    layer.merge(n, exact=exact)
 
     def _set_enabled(self, flag: bool) -> None:
         self._enabled = flag
@@ -187,8 +189,10 @@ class DeltaModel(nn.Module):
             layer.enabled = flag
 
     # -- merging -------------------------------------------------------------
-    def merge(self, names=None) -> None:
-        """Fold deltas (default: the active ones) into the base weights; idempotent."""
+    def merge(self, names=None, exact: bool = False) -> None:
+        """Fold deltas (default: the active ones) into the base weights, in place; idempotent.
+        unmerge() subtracts them again (float rounding aside); exact=True keeps a copy of the
+        weights it changes (on the CPU) so that unmerge() restores them bit for bit."""
         names = self.active_names if names is None else self._names(names)
         self._check_names(names)
         for n in names:
@@ -200,7 +204,7 @@ class DeltaModel(nn.Module):
         for n in names:  # additive pieces fold into the weights (DeltaLayer.merge); trained copies stay
             try:             # until merge_and_unload
                 for _, layer in self.delta_layers():
-                    layer.merge(n)
+                    layer.merge(n, exact=exact)
             except Exception:
                 self.unmerge([n])  # all or nothing
                 raise
@@ -229,7 +233,11 @@ class DeltaModel(nn.Module):
         return [self.model_pieces[n] for n in self.active_names if n in self.model_pieces]
 
     @shows_base_signature  # inspect.signature(model.forward) is the base model's (transformers.Trainer reads it)
-    def forward(self, *args, **kwargs):
+    def forward(self, *args, delta_names=None, **kwargs):
+        """The base model's forward under the active deltas; with delta_names (one delta name or None per
+        sample), sample i runs with delta delta_names[i] instead (core/mixed.py)."""
+        if delta_names is not None:
+            return MixedBatch(self, delta_names, args, kwargs).run(self.base_model, args, kwargs)
         pieces = self._model_pieces()
         check_forward_kwargs(self.base_model, kwargs, pieces)  # an unknown keyword raises, not vanishes
         posts = []
@@ -241,7 +249,12 @@ class DeltaModel(nn.Module):
             out = post(out) if post else out
         return out
 
-    def generate(self, *args, **kwargs):
+    def generate(self, *args, delta_names=None, **kwargs):
+        """The base model's generate; delta_names as in forward (beams and returned sequences of a sample
+        keep its delta)."""
+        if delta_names is not None:
+            return MixedBatch(self, delta_names, args, kwargs).run(self.base_model.generate, args, kwargs,
+                                                                   generating=True)
         posts = []
         for piece in self._model_pieces():
             kwargs, post = piece.prepare_generate(self, kwargs)
@@ -351,6 +364,43 @@ class DeltaModel(nn.Module):
             if hint is None:
                 raise
             raise type(e)(hint + str(e)) from None
+        return self
+
+
+    def hotswap_delta(self, path, name: str = "default") -> "DeltaModel":
+        """Replace the tensors of the attached delta `name` by those saved in `path`, in place.
+
+        The file must be of the same method with the same targets and shapes; options that only
+        scale (LoRA's alpha, rsLoRA, dropout: `DeltaConfig.swappable`) may differ. No module is
+        re-wrapped and no tensor replaced (values are copied into the existing ones), so a
+        `torch.compile`d model runs on without recompiling. A file that does not fit changes
+        nothing. PEFT's `hotswap_adapter` is the counterpart."""
+        self._check_names([name])
+        cfg_dict, tensors = read_delta(path)
+        config = config_from_file(cfg_dict, where=str(Path(path) / "adapter_config.json"))
+        recorded = setup.read_base(path)
+        if recorded is not None:
+            setup.check_base(recorded, self.base_model, source=path)
+        old = self.configs[name]
+        if type(config) is not type(old):
+            raise IncompatibleDeltaError(f"Cannot hot-swap {str(path)!r} ({config.method}) into delta {name!r} "
+                                         f"({old.method}): the method differs. Use load_delta for a new delta.")
+        new_d, old_d = config.to_dict(), old.to_dict()
+        differ = sorted(k for k in new_d if new_d[k] != old_d.get(k) and k not in config.swappable)
+        problem = None if differ else config.swap_problem(old)
+        if problem:
+            raise IncompatibleDeltaError(f"Cannot hot-swap {str(path)!r} into delta {name!r}: {problem}. "
+                                         "Use delete_delta and load_delta instead.")
+        if differ:
+            raise IncompatibleDeltaError(
+                f"Cannot hot-swap {str(path)!r} into delta {name!r}: "
+                f"{', '.join(f'{k} {old_d.get(k)!r} -> {new_d[k]!r}' for k in differ)} would change its modules "
+                "or shapes; a hot-swap keeps both. Use delete_delta and load_delta instead.")
+        if any(name in layer.merged for _, layer in self.delta_layers()):
+            raise ConfigError(f"Delta {name!r} is merged into the weights; unmerge it before a hot-swap.")
+        files.load_tensors(self, name, tensors, source=path, task_type=cfg_dict.get("task_type"))
+        config.swap_into(self.pieces_of(name))
+        self.configs[name] = config
         return self
 
 

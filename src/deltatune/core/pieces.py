@@ -39,6 +39,12 @@ class DeltaPiece(nn.Module, abc.ABC):
         """{parameter name of base_layer: tensor to add} for merging."""
         raise NotImplementedError(f"{type(self).__name__} cannot be merged into the base weights")
 
+    def unmerge_deltas(self, base_layer) -> dict[str, torch.Tensor]:
+        """{parameter name: tensor to subtract} to take the merged piece out of `base_layer`'s
+        weights again; merge_deltas by default (right for pieces whose change does not depend on
+        the weights it is added to)."""
+        return self.merge_deltas(base_layer)
+
     # file format: the keys this piece is saved under, relative to the module path
     def file_state(self) -> dict[str, torch.Tensor]:
         return dict(self.state_dict())
@@ -56,6 +62,12 @@ class AddsToOutput(DeltaPiece):
     @abc.abstractmethod
     def forward(self, x, out, base_layer):
         ...
+
+    def add_to_fresh(self, x, out, base_layer):
+        """forward(), called instead when `out` is the tensor the module has just returned and
+        nothing else holds it (no hook saw it, no other piece read it): the piece may then add
+        to it in place. The same as forward() unless a piece overrides it."""
+        return self(x, out, base_layer)
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -107,11 +119,26 @@ class ModelPiece(nn.Module):
     # what this piece fills that only one active delta can (e.g. "attention-cache prefix"); None: no limit
     exclusive: ClassVar[str | None] = None
 
+    # mixed-delta batches (`model(..., delta_names=[...])`, core/mixed.py): True for a piece type whose
+    # `prepare_rows` gives each sample of a batch its own delta's inputs; others cannot be mixed
+    mixes_per_sample: ClassVar[bool] = False
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if cls.mixes_per_sample and cls.prepare_rows.__func__ is ModelPiece.prepare_rows.__func__:
+            raise TypeError(f"{cls.__name__} is declared mixes_per_sample but defines no prepare_rows().")
+
     def prepare(self, model, kwargs):  # pragma: no cover - interface
         raise NotImplementedError
 
     def prepare_generate(self, model, kwargs):
         return self.prepare(model, kwargs)
+
+    @classmethod
+    def prepare_rows(cls, model, kwargs, names: list[str], generating: bool):
+        """`prepare` (`prepare_generate` when generating) with sample i of the batch taking the inputs of
+        delta names[i], whose model-level piece is of this class; returns (kwargs, post)."""
+        raise NotImplementedError(f"{cls.__name__} cannot give each sample its own delta's inputs.")
 
     def file_state(self):
         return dict(self.state_dict())

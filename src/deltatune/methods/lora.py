@@ -16,10 +16,13 @@ from torch import nn
 from ..core.config import DeltaConfig, PeftConvertible
 from ..core.errors import ConfigError
 from ..core.layer import unwrap
+from ..core.mixed import register_batched
 from ..core.pieces import AddsToOutput, DeltaPiece
 from ..core.registry import register
 from ..core.targets import LINEAR_TYPES, find_targets
 from ..core.weights import oriented, stores_transposed
+from . import lora_batched
+from .lora_kernels import SAME_INPUT, AddLoRA, SharedInput, can_add_in_place, project
 
 
 @dataclass
@@ -42,6 +45,20 @@ class LoRAConfig(DeltaConfig, PeftConvertible):
     alpha_pattern: dict[str, float] | None = field(default=None, metadata={"help": "{module regex: alpha}"})
     use_rslora: bool = field(default=False, metadata={"help": "scale alpha/sqrt(r) (Kalajdzievski 2023)"})
     use_dora: bool = field(default=False, metadata={"help": "weight-decomposed LoRA (Liu et al. 2024)"})
+
+    swappable = ("alpha", "alpha_pattern", "use_rslora", "dropout")
+
+    def swap_into(self, pieces: dict) -> None:
+        for path, piece in pieces.items():
+            if isinstance(piece, (LoRALinear, LoRAEmbedding)):
+                piece.scale = self.for_module(path)[1]
+            if isinstance(getattr(piece, "lora_dropout", None), nn.Dropout):
+                piece.lora_dropout.p = self.dropout
+
+    def swap_problem(self, old: "LoRAConfig") -> str | None:
+        if (self.dropout > 0) != (old.dropout > 0):
+            return "LoRA dropout cannot be turned on or off (its module changes)"
+        return None
 
     def __post_init__(self):
         if int(self.r) < 1:
@@ -113,6 +130,7 @@ class LoRALinear(AddsToOutput):
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B.weight)
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.register_buffer("lora_scale", torch.tensor(float(scale)), persistent=False)
         self.scale = scale
         self.use_dora = use_dora
         if use_dora:
@@ -120,15 +138,53 @@ class LoRALinear(AddsToOutput):
                 norm = torch.linalg.norm(self._weight(base_layer).float(), dim=1)
             self.lora_magnitude_vector = nn.Parameter(norm.to(self._weight(base_layer).dtype))
 
+    @property
+    def scale(self) -> float:
+        return self._scale
+
+    @scale.setter
+    def scale(self, value: float) -> None:
+        # also kept as a tensor, which compiled code reads: a new value (hot-swap) needs no recompile
+        self._scale = float(value)
+        with torch.no_grad():
+            self.lora_scale.fill_(self._scale)
+
+    def _scaling(self):
+        return self.lora_scale if torch.compiler.is_compiling() else self._scale
+
     def _weight(self, base_layer):
         return oriented(base_layer.weight, self.fan_in_fan_out)
 
     def update(self):
-        return self.lora_B.weight @ self.lora_A.weight * self.scale
+        return self.lora_B.weight @ self.lora_A.weight * self._scaling()
 
     def forward(self, x, out, base_layer):
+        if self._fast(x, out, base_layer):
+            return self._add(x, out, in_place=False)
+        return self._plain(x, out, base_layer)
+
+    def add_to_fresh(self, x, out, base_layer):
+        if self._fast(x, out, base_layer):
+            return self._add(x, out, in_place=can_add_in_place(out))
+        return self._plain(x, out, base_layer)
+
+    def _fast(self, x, out, base_layer) -> bool:
+        """lora_kernels' path: same outputs as _plain, for the common case (no DoRA, one dtype,
+        no autocast, not being compiled: the compiler fuses the plain path itself)."""
+        dtype = self.lora_A.weight.dtype
+        return (not self.use_dora and x.dtype == dtype and out.dtype == dtype
+                and not torch.is_autocast_enabled(x.device.type) and not torch.compiler.is_compiling())
+
+    def _add(self, x, out, in_place):
+        p = self.lora_dropout.p if isinstance(self.lora_dropout, nn.Dropout) else 0.0
+        shared = self.__dict__.get("shared")
+        h = shared.h_for(self, x, p, self.training) if shared is not None else project(
+            x, self.lora_A.weight, p, self.training)
+        return AddLoRA.apply(out, h, self.lora_B.weight, float(self.scale), in_place)
+
+    def _plain(self, x, out, base_layer):
         xd = self.lora_dropout(x.to(self.lora_A.weight.dtype))
-        lora = self.lora_B(self.lora_A(xd)) * self.scale
+        lora = self.lora_B(self.lora_A(xd)) * self._scaling()
         if not self.use_dora:
             return out + lora.to(out.dtype)
         weight = self._weight(base_layer)
@@ -143,11 +199,19 @@ class LoRALinear(AddsToOutput):
     def merge_deltas(self, base_layer):
         weight = self._weight(base_layer)
         delta = self.update().to(weight.dtype)
-        if self.use_dora:
+        if self.use_dora:  # W' = m (W + dW) / |W + dW|; the row norms are kept to invert it
             new = weight + delta
-            new = (self.lora_magnitude_vector / torch.linalg.norm(new, dim=1)).view(-1, 1) * new
+            self._merged_norm = torch.linalg.norm(new, dim=1).detach()
+            new = (self.lora_magnitude_vector.detach() / self._merged_norm).view(-1, 1) * new
             delta = new - weight
         return {"weight": oriented(delta, self.fan_in_fan_out)}
+
+    def unmerge_deltas(self, base_layer):
+        if not self.use_dora:
+            return self.merge_deltas(base_layer)
+        merged = self._weight(base_layer)  # W = W' |W + dW| / m - dW, so W' - W = W' (1 - |W + dW| / m) + dW
+        ratio = (self._merged_norm / self.lora_magnitude_vector.detach()).view(-1, 1)
+        return {"weight": oriented(merged * (1 - ratio) + self.update().to(merged.dtype), self.fan_in_fan_out)}
 
 
 class LoRAEmbedding(AddsToOutput):
@@ -191,7 +255,26 @@ def build(model: nn.Module, config: LoRAConfig) -> dict[str, DeltaPiece]:
             pieces[path] = LoRALinear(base, r, scale, config.dropout, config.use_dora)
         ref = base.weight
         pieces[path].to(dtype=ref.dtype if ref.is_floating_point() else torch.float32)
+    _share_inputs(model, pieces)
     return pieces
 
 
+def _share_inputs(model, pieces) -> None:
+    """Group LoRA pieces on sibling Linear modules that models feed one tensor (q/k/v, gate/up:
+    lora_kernels.SAME_INPUT): they share one matmul and one dropout mask, checked at every call."""
+    groups: dict = {}
+    for path, piece in pieces.items():
+        base = unwrap(model.get_submodule(path))
+        parent, _, leaf = path.rpartition(".")
+        kind = next((i for i, names in enumerate(SAME_INPUT) if leaf in names), None)
+        if kind is not None and isinstance(piece, LoRALinear) and not piece.use_dora and type(base) is nn.Linear:
+            groups.setdefault((parent, kind, base.in_features, piece.lora_A.weight.dtype), []).append(piece)
+    for members in groups.values():
+        if len(members) > 1:
+            shared = SharedInput(members)
+            for piece in members:
+                piece.__dict__["shared"] = shared  # a plain attribute: not a submodule
+
+
 register("lora", LoRAConfig, build)
+register_batched(LoRALinear, lora_batched.prepare, lora_batched.apply, lora_batched.accepts)  # mixed-delta batches (core/mixed.py)

@@ -14,8 +14,8 @@ from ..core.heads import peft_task_type
 from ..core.registry import config_from_dict
 
 __all__ = ["PEFT_PROMPT_ROOT", "InputLayout", "nested_config", "widen_mask", "fit_embeds_to_mask",
-           "prepend_prompts", "input_embeddings", "cached_length", "check_padding", "extend_side_inputs",
-           "trim_outputs", "pools_last_token"]
+           "prepend_prompts", "row_prompts", "input_embeddings", "cached_length", "check_padding",
+           "extend_side_inputs", "trim_outputs", "pools_last_token"]
 
 
 def nested_config(d: dict) -> DeltaConfig:
@@ -111,14 +111,15 @@ def prepend_prompts(layout: InputLayout, base, kwargs, prompts, generating=False
     emb, ids = input_embeddings(base, kwargs)
     batch, length = emb.shape[:2]
     past = 0 if layout.encoder_decoder else cached_length(kwargs)
-    n = prompts.shape[0]
+    n = prompts.shape[-2]  # [n, d], or [batch, n, d]: a prompt per row (row_prompts)
     mask = kwargs.get("attention_mask")
     check_padding(layout, mask)
     if past:  # continuing from a cache that already holds the prompt
         kwargs["inputs_embeds"] = emb
         kwargs["attention_mask"] = widen_mask(mask, n, batch, length, past, emb.device)
         return kwargs, None
-    kwargs["inputs_embeds"] = torch.cat([prompts.to(emb.dtype).unsqueeze(0).expand(batch, -1, -1), emb], dim=1)
+    rows = prompts if prompts.dim() == 3 else prompts.unsqueeze(0).expand(batch, -1, -1)
+    kwargs["inputs_embeds"] = torch.cat([rows.to(emb.dtype), emb], dim=1)
     kwargs["attention_mask"] = widen_mask(mask, n, batch, length, 0, emb.device)
     if generating and not layout.encoder_decoder and ids is not None:
         kwargs["input_ids"] = ids  # generate returns these plus the new tokens (no virtual positions)
@@ -126,6 +127,20 @@ def prepend_prompts(layout: InputLayout, base, kwargs, prompts, generating=False
     if generating or layout.encoder_decoder:
         return kwargs, None
     return kwargs, trim_outputs(n, length)
+
+
+def row_prompts(model, names) -> torch.Tensor:
+    """[batch, n, d]: row i gets the prompt of delta names[i] (mixed-delta batches, core/mixed.py);
+    each distinct delta computes its prompt once."""
+    distinct = list(dict.fromkeys(names))
+    prompts = [model.model_pieces[n].prompts() for n in distinct]
+    lengths = {n: p.shape[0] for n, p in zip(distinct, prompts)}
+    if len(set(lengths.values())) > 1:
+        raise ConfigError(f"delta_names mixes prompts of different lengths ({lengths}): every sample's input grows "
+                          "by its prompt, so one call needs prompts of one length. Batch deltas with equal "
+                          "num_virtual_tokens together, or run them in separate calls.")
+    index = torch.tensor([distinct.index(n) for n in names], device=prompts[0].device)
+    return torch.stack(prompts).index_select(0, index)
 
 
 def extend_side_inputs(kwargs, n, layout, length):

@@ -25,7 +25,7 @@ from ..core.errors import ConfigError
 from ..core.pieces import MODEL_LEVEL, ModelPiece
 from ..core.registry import register
 from .model_inputs import (PEFT_PROMPT_ROOT, InputLayout, cached_length, check_padding, fit_embeds_to_mask,
-                            input_embeddings, nested_config, prepend_prompts)
+                            input_embeddings, nested_config, prepend_prompts, row_prompts)
 
 MARK = "[P]"
 
@@ -139,6 +139,7 @@ class PromptEncoder(ModelPiece):
     """Embedding -> (BiLSTM ->) MLP producing the n prompt vectors; after loading only the vectors."""
 
     file_key_root = PEFT_PROMPT_ROOT
+    mixes_per_sample = True  # a prompt per sample, all of one length and marker (core/mixed.py)
 
     def __init__(self, model, config: PTuningConfig):
         super().__init__()
@@ -175,25 +176,42 @@ class PromptEncoder(ModelPiece):
         kwargs = self._prepare(model.base_model, dict(kwargs), generating=True)[0]
         return (kwargs if self.layout.encoder_decoder else fit_embeds_to_mask(kwargs)), None
 
-    def _prepare(self, base, kwargs, generating):
+    @classmethod
+    def prepare_rows(cls, model, kwargs, names, generating):
+        markers = {n: model.model_pieces[n].marker_id for n in dict.fromkeys(names)}
+        if len(set(markers.values())) > 1:
+            raise ConfigError(f"delta_names mixes P-tuning deltas with different marker ids ({markers}): the "
+                              "[P] positions of one batch are read with one marker. Use one marker_id, or run them "
+                              "in separate calls.")
+        first = model.model_pieces[names[0]]
+        kwargs, post = first._prepare(model.base_model, dict(kwargs), generating, row_prompts(model, names))
+        if generating:
+            return (kwargs if first.layout.encoder_decoder else fit_embeds_to_mask(kwargs)), None
+        return kwargs, post
+
+    def _prepare(self, base, kwargs, generating, prompts=None):
+        """prompts: this piece's [n, d] by default, or [batch, n, d] (one per row, prepare_rows)."""
+        prompts = self.prompts() if prompts is None else prompts
         ids = kwargs.get("input_ids")
         if self.layout.encoder_decoder and kwargs.get("encoder_outputs") is not None:
             return kwargs, None
         marks = None if ids is None else ids == self.marker_id
         if marks is None or not bool(marks.any()):  # no template markers: prepend, as PEFT's P-tuning does
-            return prepend_prompts(self.layout, base, kwargs, self.prompts(), generating)
-        prompts = self.prompts()
+            return prepend_prompts(self.layout, base, kwargs, prompts, generating)
+        n = prompts.shape[-2]
         counts = marks.sum(1)
-        bad = (counts != prompts.shape[0]).nonzero().flatten().tolist()
+        bad = (counts != n).nonzero().flatten().tolist()
         if bad and not cached_length(kwargs):
             raise ConfigError(f"Rows {bad} have {counts[bad[0]].item()} [P] markers but the template has "
-                              f"{prompts.shape[0]}; encode inputs with PTuningConfig.encode/tokenize.")
+                              f"{n}; encode inputs with PTuningConfig.encode/tokenize.")
         check_padding(self.layout, kwargs.get("attention_mask"))
         real = torch.where(marks, torch.full_like(ids, self.pad_id), ids)
         emb, _ = input_embeddings(base, kwargs, ids=real)
         kwargs.pop("input_ids", None)
         order = (marks.long().cumsum(1) - 1).clamp(min=0)  # k-th marker of a row takes the k-th vector
-        kwargs["inputs_embeds"] = torch.where(marks.unsqueeze(-1), prompts.to(emb.dtype)[order], emb)
+        rows = torch.arange(ids.shape[0], device=ids.device).unsqueeze(1)
+        vectors = prompts[rows, order] if prompts.dim() == 3 else prompts[order]
+        kwargs["inputs_embeds"] = torch.where(marks.unsqueeze(-1), vectors.to(emb.dtype), emb)
         labels = kwargs.get("labels")
         if labels is not None and not self.layout.encoder_decoder and labels.shape == ids.shape:
             kwargs["labels"] = labels.masked_fill(marks, -100)  # virtual positions are never targets

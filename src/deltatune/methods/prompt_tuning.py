@@ -22,7 +22,8 @@ from ..core.config import DeltaConfig, PeftConvertible
 from ..core.errors import ConfigError
 from ..core.pieces import MODEL_LEVEL, ModelPiece
 from ..core.registry import register
-from .model_inputs import PEFT_PROMPT_ROOT, InputLayout, fit_embeds_to_mask, nested_config, prepend_prompts
+from .model_inputs import (PEFT_PROMPT_ROOT, InputLayout, fit_embeds_to_mask, nested_config, prepend_prompts,
+                           row_prompts)
 
 INITS = ("random", "vocab", "text", "labels")
 
@@ -108,6 +109,7 @@ class PromptEmbedding(ModelPiece):
     """n trained vectors prepended to the (encoder) input embeddings."""
 
     file_key_root = PEFT_PROMPT_ROOT
+    mixes_per_sample = True  # a prompt per sample, all of one length (core/mixed.py)
 
     def __init__(self, model, vectors: torch.Tensor):
         super().__init__()
@@ -122,14 +124,25 @@ class PromptEmbedding(ModelPiece):
         return self.prompt_embeddings
 
     def prepare(self, model, kwargs):
-        return prepend_prompts(self.layout, model.base_model, dict(kwargs), self.prompts())
+        return _prepare(self.layout, model, kwargs, self.prompts(), generating=False)
 
     def prepare_generate(self, model, kwargs):
-        kwargs, _ = prepend_prompts(self.layout, model.base_model, dict(kwargs), self.prompts(), generating=True)
-        return (kwargs if self.layout.encoder_decoder else fit_embeds_to_mask(kwargs)), None
+        return _prepare(self.layout, model, kwargs, self.prompts(), generating=True)
+
+    @classmethod
+    def prepare_rows(cls, model, kwargs, names, generating):
+        layout = model.model_pieces[names[0]].layout
+        return _prepare(layout, model, kwargs, row_prompts(model, names), generating)
 
     def file_config(self, cfg: dict) -> dict:
         return self.layout.peft_facts(cfg, token_dim=self.prompt_embeddings.shape[1])
+
+
+def _prepare(layout, model, kwargs, prompts, generating):
+    if not generating:
+        return prepend_prompts(layout, model.base_model, dict(kwargs), prompts)
+    kwargs, _ = prepend_prompts(layout, model.base_model, dict(kwargs), prompts, generating=True)
+    return (kwargs if layout.encoder_decoder else fit_embeds_to_mask(kwargs)), None
 
 
 def build(model: nn.Module, config: PromptTuningConfig) -> dict:

@@ -27,6 +27,7 @@ from safetensors.torch import load_file, save_file
 
 from ..core.errors import ConfigError, CorruptFileError
 from ..core.io import untied
+from . import sharded
 
 STATE_NAME = "trainer_state.json"
 ORDER_NAME = "order.json"  # delta/: the names in attach order
@@ -133,15 +134,16 @@ def load_model_state(model, directory: Path) -> None:
                 model.load_delta(deltas / name, name=name, trainable=False)
     try:
         # exact: the file format may be lossy (sparse deltas), the raw state is not
-        model.load_state_dict(load_file(str(directory / "model_state.safetensors")), strict=True)
+        state = load_file(str(directory / "model_state.safetensors"))
+        model.load_state_dict(sharded.shard_like(model, state), strict=True)
     except RuntimeError as e:
         raise ConfigError(f"Checkpoint {directory} does not fit this model ({e}); resume with the model and "
                           "deltas the run was started with.") from None
 
 
 # -- optimizer / scheduler -------------------------------------------------
-def save_optimizer(optimizer, directory: Path) -> None:
-    sd = optimizer.state_dict()
+def save_optimizer(sd: dict, directory: Path) -> None:
+    """Write an optimizer's state dict (whole tensors: sharded.full_optimizer_state)."""
     tensors, plain = {}, {}
     for idx, st in sd["state"].items():
         plain[str(idx)] = {}
@@ -217,7 +219,8 @@ def load_rng(directory: Path, rank: int) -> None:
 def write_checkpoint(accelerator, output_dir, state: dict, model, optimizer, scheduler, keep: int,
                      best_state: dict | None = None) -> Path:
     """Every process writes its RNG state; the main process writes the rest and renames.
-    `best_state`: the tensors of the best delta so far (put back at the end of a resumed run)."""
+    `best_state`: the tensors of the best delta so far (put back at the end of a resumed run).
+    A sharded (FSDP2) model's state and optimizer state are gathered whole first, by every process."""
     root = checkpoints_dir(output_dir)
     final = root / f"checkpoint-{state['step']:08d}"
     tmp = root / f".tmp-checkpoint-{state['step']:08d}"
@@ -228,10 +231,13 @@ def write_checkpoint(accelerator, output_dir, state: dict, model, optimizer, sch
     accelerator.wait_for_everyone()
     save_rng(tmp, accelerator.process_index)
     accelerator.wait_for_everyone()
+    with sharded.full_tensors(model):
+        optimizer_state = sharded.full_optimizer_state(optimizer)
+        if main:
+            with saving_mode(model):
+                save_model_state(model, tmp)
     if main:
-        with saving_mode(model):
-            save_model_state(model, tmp)
-        save_optimizer(optimizer, tmp)
+        save_optimizer(optimizer_state, tmp)
         _write_json(tmp / "scheduler.json", scheduler.state_dict())
         if best_state is not None:
             save_file(untied(best_state), str(tmp / BEST_NAME))
@@ -270,5 +276,6 @@ def read_checkpoint(path: Path, accelerator, model, optimizer, scheduler) -> dic
                           "batch and the data order depend on it), or start a fresh run.")
     load_model_state(model, path)
     load_optimizer(optimizer, path)
+    sharded.shard_optimizer_state(optimizer)
     scheduler.load_state_dict(json.loads((path / "scheduler.json").read_text()))
     return state

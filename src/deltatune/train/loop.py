@@ -1,7 +1,8 @@
 """The one training loop. Recipes change its data, loss or schedule, never copy it.
 
 It runs on `accelerate`: one process on CPU or GPU, or several with DDP when started
-by `accelerate launch` / `torchrun`; mixed precision is the Trainer's own (precision.py).
+by `accelerate launch` / `torchrun`, or with a base sharded by FSDP2 (sharded.py); mixed
+precision is the Trainer's own (precision.py).
 The data order is a pure function of (seed, epoch) (batches.py) and every checkpoint holds
 the delta, optimizer, scheduler, loss scale, RNG states and data position (checkpoint.py),
 so a killed run resumes exactly."""
@@ -21,6 +22,7 @@ from torch.utils.data import DataLoader
 from ..core.errors import ConfigError, TrainingInterrupted
 from ..core.model import default_loss
 from . import checkpoint as ckpt
+from . import sharded
 from .batches import local_batches, steps_per_epoch
 from .config import TrainConfig
 from .interrupts import StopRequest
@@ -59,7 +61,8 @@ class Trainer:
     """Trains the trainable parameters of a DeltaModel (or any nn.Module).
 
     loss_fn(model, batch) -> scalar loss, the mean over the batch's examples (`model` is
-    DDP-wrapped when several processes train: `trainer.model` is the plain one);
+    DDP-wrapped when several processes train: `trainer.model` is the plain one; under FSDP2 both
+    are the sharded model);
     eval_fn(model, batches) -> metrics dict (default: accuracy / macro-F1 from logits and labels).
     callbacks: functions called as cb(trainer, step) after each optimizer step (e.g. dt.EMA);
     a callback with state_dict()/load_state_dict() has its (JSON) state checkpointed."""
@@ -145,11 +148,7 @@ class Trainer:
         from accelerate.utils import set_seed
 
         c, acc = self.config, self.accelerator
-        kind = str(acc.distributed_type).rsplit(".", 1)[-1]
-        if kind in ("FSDP", "DEEPSPEED", "MEGATRON_LM"):
-            raise ConfigError(f"This run was launched with {kind}; the deltatune Trainer runs one process or DDP "
-                              "(deltas are small, so sharding them gains little): launch without an FSDP/DeepSpeed "
-                              "accelerate config, or use transformers.Trainer (docs/training.md).")
+        sharded.check_launch(acc, self.model)
         if len(self.train_data) == 0:
             raise ConfigError("The training data is empty: nothing to train on.")
         set_seed(c.seed)
@@ -158,7 +157,7 @@ class Trainer:
         sched = self._scheduler(opt, steps)
         if c.gradient_checkpointing:
             self._enable_gradient_checkpointing()
-        train_model = acc.prepare(self.model)  # the DDP wrapper when distributed
+        train_model = sharded.prepare(acc, self.model, opt)  # DDP-wrapped, or sharded in place (FSDP2)
         state, resumed_from = self._begin(opt, sched)
         self._run_log = RunLog(self.out, steps, initial=state["step"], files=c.save and self.is_main,
                                progress=c.progress and self.is_main, tensorboard=c.tensorboard)
@@ -178,7 +177,7 @@ class Trainer:
         acc.wait_for_everyone()
         selected = state["step"]
         if c.load_best_at_end and self._best_state is not None and state["best_step"] != state["step"]:
-            self.model.load_state_dict(self._best_state, strict=True)
+            self.model.load_state_dict(sharded.shard_like(self.model, self._best_state), strict=True)
             selected = state["best_step"]
         return {"steps": state["step"], "epochs": state["epoch"], "train_seconds": round(state["train_seconds"], 2),
                 "stopped_early": state["stopped_early"], "selected_step": selected,
@@ -199,7 +198,7 @@ class Trainer:
             group = min(first + c.grad_accum, len(batches)) - first  # a short last group at the epoch's end
             sync = i + 1 == first + group
             idx, weight = batches[i]
-            with contextlib.nullcontext() if sync else acc.no_sync(model):
+            with contextlib.nullcontext() if sync else sharded.no_sync(acc, model):
                 with self.precision.autocast():
                     loss = self.loss_fn(model, self._to_device(batch))
                 acc.backward(self.precision.scale(loss * (weight / group)))
@@ -264,7 +263,8 @@ class Trainer:
             state["best_score"], state["best_metrics"], state["bad_evals"] = score, metrics, 0
             state["best_step"] = state["step"]
             if c.load_best_at_end:
-                self._best_state = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
+                with sharded.full_tensors(self.model):
+                    self._best_state = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
             self._save("best")
         else:
             state["bad_evals"] += 1
@@ -352,9 +352,12 @@ class Trainer:
                               best_state=self._best_state)
 
     def _save(self, tag: str) -> None:
-        if self.config.save and self.is_main and hasattr(self.model, "save_pretrained"):
-            with ckpt.saving_mode(self.model), ckpt.atomic_directory(self.out / tag) as tmp:
-                self.model.save_pretrained(tmp)
+        if not (self.config.save and hasattr(self.model, "save_pretrained")):
+            return
+        with sharded.full_tensors(self.model):  # every process gathers a sharded delta; the main one writes
+            if self.is_main:
+                with ckpt.saving_mode(self.model), ckpt.atomic_directory(self.out / tag) as tmp:
+                    self.model.save_pretrained(tmp)
 
 
 def evaluate_classification(model, batches) -> dict:
