@@ -1,7 +1,7 @@
 """memory: peak resident memory of 3 training steps, the floor vs ours vs PEFT.
 
 Each kind runs in its own process (`python -m bench memory --child KIND`), so each peak is
-that kind's alone: ru_maxrss, absolute, with nothing subtracted (the interpreter, torch and
+that kind's alone: VmHWM (peak resident set), absolute, with nothing subtracted (the interpreter, torch and
 the model are in every figure alike). The children also report the eval loss of the same
 LoRA weights, which must agree between ours and PEFT."""
 from __future__ import annotations
@@ -41,7 +41,7 @@ def main(argv=None) -> int:
         return child(args.child, args.tiny)
     c.header(args, f"peak resident memory of {STEPS} training steps, one process per kind", timed=False)
     print(f"LoRA r=8 all-linear, dropout {DROPOUT}; batch {(2, 16) if args.tiny else (8, 256)}; "
-          "peak = ru_maxrss of the process (absolute); loaded = resident set after building the model")
+          "peak = VmHWM of the process (absolute); loaded = resident set after building the model")
     res = c.run_children("memory", KINDS, args.tiny)
     for kind in KINDS:
         r = res[kind]

@@ -102,6 +102,9 @@ class DeltaLayer(nn.Module):
         unmerge restores them bit for bit."""
         if name in self.merged or name not in self.deltas or not isinstance(self.deltas[name], AddsToOutput):
             return
+        if not exact and self.deltas[name].fold(self.base_layer, 1.0):  # in place, no temporary tensor
+            self.merged.append(name)
+            return
         deltas = self.deltas[name].merge_deltas(self.base_layer)
         with torch.no_grad():
             for pname, dw in deltas.items():
@@ -134,6 +137,8 @@ class DeltaLayer(nn.Module):
                 self.created = set()
             else:
                 for n in reversed(self.merged[i:]):
+                    if self.deltas[n].fold(self.base_layer, -1.0):
+                        continue
                     for pname, dw in self.deltas[n].unmerge_deltas(self.base_layer).items():
                         getattr(self.base_layer, pname).data -= dw.to(getattr(self.base_layer, pname).dtype)
                 again, self.merged = later, self.merged[:i]

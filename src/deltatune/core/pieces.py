@@ -39,6 +39,12 @@ class DeltaPiece(nn.Module, abc.ABC):
         """{parameter name of base_layer: tensor to add} for merging."""
         raise NotImplementedError(f"{type(self).__name__} cannot be merged into the base weights")
 
+    def fold(self, base_layer, sign: float) -> bool:
+        """Add `sign` times this piece's change to `base_layer`'s existing weights in place, without
+        building the change as a tensor (merging a large layer then needs no extra memory), and
+        return True; or return False (the default) to have merge_deltas / unmerge_deltas used."""
+        return False
+
     def unmerge_deltas(self, base_layer) -> dict[str, torch.Tensor]:
         """{parameter name: tensor to subtract} to take the merged piece out of `base_layer`'s
         weights again; merge_deltas by default (right for pieces whose change does not depend on

@@ -206,6 +206,19 @@ class LoRALinear(AddsToOutput):
             delta = new - weight
         return {"weight": oriented(delta, self.fan_in_fan_out)}
 
+    def fold(self, base_layer, sign):
+        """W += sign * s * B A with one addmm_ into the weight (no (out, in) temporary); not DoRA."""
+        if self.use_dora:
+            return False
+        weight = base_layer.weight
+        A, B = self.lora_A.weight.detach().to(weight.dtype), self.lora_B.weight.detach().to(weight.dtype)
+        with torch.no_grad():
+            if self.fan_in_fan_out:  # Conv1D keeps (in, out): add (B A)^T = A^T B^T
+                weight.addmm_(A.t(), B.t(), alpha=sign * self.scale)
+            else:
+                weight.addmm_(B, A, alpha=sign * self.scale)
+        return True
+
     def unmerge_deltas(self, base_layer):
         if not self.use_dora:
             return self.merge_deltas(base_layer)
