@@ -182,3 +182,28 @@ def test_copies_and_pickles_without_the_cache():
     k = clone.base_model.model.layers[0].self_attn.k_proj.deltas["default"]
     assert q.shared is k.shared and q.shared.x_ref is None and not q.shared.h
     assert q.shared is not fast.base_model.model.layers[0].self_attn.q_proj.deltas["default"].shared
+
+
+def test_inference_with_many_rows_folds_the_update_into_one_matmul(monkeypatch):
+    fast, plain = _pair("llama")
+    used = []
+    real = LoRALinear.with_base
+
+    def counting(self, *a):
+        out = real(self, *a)
+        if "_fast" not in self.__dict__:  # the fast model's pieces (the plain one's are patched)
+            used.append(out is not None)
+        return out
+    monkeypatch.setattr(LoRALinear, "with_base", counting)
+    fast.eval()
+    plain.eval()
+    for rows in (1, 64):  # one decoding step keeps the thin path; 64 rows fold
+        ids = torch.randint(3, 128, (rows // 16 or 1, 16 if rows > 1 else 1))
+        used.clear()
+        with torch.no_grad():
+            torch.testing.assert_close(fast(input_ids=ids).logits, plain(input_ids=ids).logits, atol=1e-5, rtol=1e-5)
+        assert used and all(used) == (rows > 1) and (any(used) == (rows > 1))
+    used.clear()
+    fast.train()  # with grad: never folded
+    fast(input_ids=torch.randint(3, 128, (4, 16))).logits.sum().backward()
+    assert used and not any(used)

@@ -78,6 +78,11 @@ class DeltaLayer(nn.Module):
         for p in pieces:
             if isinstance(p, ChangesInputs):
                 args, kwargs = p.change_inputs(args, kwargs)
+        if apply is None and len(pieces) == 1 and isinstance(pieces[0], AddsToOutput) \
+                and not _hooked(self.base_layer) and not _hooked(pieces[0]):
+            out = pieces[0].with_base(args, kwargs, self.base_layer)
+            if out is not None:
+                return out
         copies = [p for p in pieces if isinstance(p, ComputesOutput)]
         module = copies[-1] if copies else self.base_layer
         out = module(*args, **kwargs)

@@ -69,6 +69,12 @@ class AddsToOutput(DeltaPiece):
     def forward(self, x, out, base_layer):
         ...
 
+    def with_base(self, args, kwargs, base_layer):
+        """The module's output with this piece's change in one go (e.g. one matmul against the
+        weight with the change folded in), or None (the default) to let the module compute its
+        output and forward() add to it. Asked only when this piece alone acts at the module."""
+        return None
+
     def add_to_fresh(self, x, out, base_layer):
         """forward(), called instead when `out` is the tensor the module has just returned and
         nothing else holds it (no hook saw it, no other piece read it): the piece may then add

@@ -168,6 +168,22 @@ class LoRALinear(AddsToOutput):
             return self._add(x, out, in_place=can_add_in_place(out))
         return self._plain(x, out, base_layer)
 
+    def with_base(self, args, kwargs, base_layer):
+        """Inference on an nn.Linear with many rows: F.linear(x, W + s B A, bias), one matmul and
+        no pass over the output. Building W + s B A costs (out x in) writes, the thin products
+        (rows x (in + out)): used only when the rows outnumber in*out / (in + out), so a decoding
+        step with a few rows keeps the thin path."""
+        if (torch.is_grad_enabled() or len(args) != 1 or kwargs or type(base_layer) is not nn.Linear
+                or (self.training and isinstance(self.lora_dropout, nn.Dropout))):
+            return None
+        x, W = args[0], base_layer.weight
+        if not torch.is_tensor(x) or x.dtype != W.dtype or not self._fast(x, x, base_layer):
+            return None
+        out_f, in_f = W.shape
+        if x.numel() // in_f * (in_f + out_f) < in_f * out_f:
+            return None
+        return F.linear(x, torch.addmm(W, self.lora_B.weight, self.lora_A.weight, alpha=self.scale), base_layer.bias)
+
     def _fast(self, x, out, base_layer) -> bool:
         """lora_kernels' path: same outputs as _plain, for the common case (no DoRA, one dtype,
         no autocast, not being compiled: the compiler fuses the plain path itself)."""
