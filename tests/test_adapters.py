@@ -6,15 +6,7 @@ from transformers import (MistralConfig, MistralForCausalLM, OPTConfig, OPTForCa
 
 import deltatune as dt
 from deltatune.methods.adapters import AdapterPiece, InputTap, NICECoupling, OutputTap
-from tiny import VOCAB, batch, bert, gpt2, llama, logits
-
-
-def _perturb(model, name, seed=0, scale=0.1):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.delta_parameters(name):
-            p.add_(torch.randn(p.shape, generator=g) * scale)
-
+from tiny import VOCAB, batch, bert, gpt2, llama, logits, perturb
 
 def _small(cls, cfg_cls, **kw):
     torch.manual_seed(0)
@@ -36,7 +28,7 @@ def test_more_architectures_identity_then_change(arch, kind):
     ref = logits(EXTRA[arch](), b)
     model = dt.attach(EXTRA[arch](), dt.AdapterConfig(kind=kind, placement="ffn" if kind == "pfeiffer" else "both"))
     torch.testing.assert_close(logits(model, b), ref)
-    _perturb(model, "default")
+    perturb(model, "default")
     assert not torch.allclose(logits(model, b), ref)
 
 
@@ -51,7 +43,7 @@ def test_bart_encoder_decoder(kind):
     model = dt.attach(make(), dt.AdapterConfig(kind=kind, placement="both", bottleneck=4))
     assert sum(k.endswith("fc2") for k in model.pieces_of("default")) == 4  # encoder and decoder FFNs
     torch.testing.assert_close(logits(model, b), ref)
-    _perturb(model, "default")
+    perturb(model, "default")
     assert not torch.allclose(logits(model, b), ref)
 
 
@@ -63,7 +55,7 @@ def test_bert_houlsby_layer_matches_reference():
     """Serial: adapter(out) is added to the attention output projection and to the FFN output,
     both before the residual add and LayerNorm (Houlsby et al. 2019, Fig. 2)."""
     model = dt.attach(bert(), dt.AdapterConfig(kind="houlsby", bottleneck=6, non_linearity="gelu"))
-    _perturb(model, "default")
+    perturb(model, "default")
     plain = bert().bert.encoder.layer[0]
     pieces = model.pieces_of("default")
     a_att = pieces["bert.encoder.layer.0.attention.output.dense"]
@@ -82,7 +74,7 @@ def test_bert_houlsby_layer_matches_reference():
 def test_bert_parallel_layer_matches_reference():
     """Parallel: s * adapter(x) with x the sublayer's input, added to the sublayer output (He et al. 2021)."""
     model = dt.attach(bert(), dt.AdapterConfig(kind="parallel", placement="both", bottleneck=6, scaling=2.0))
-    _perturb(model, "default")
+    perturb(model, "default")
     plain = bert().bert.encoder.layer[0]
     pieces = model.pieces_of("default")
     assert isinstance(pieces["bert.encoder.layer.0.intermediate"], InputTap)
@@ -104,7 +96,7 @@ def test_gpt2_parallel_and_serial_differ_as_the_formulas_say():
     outs = {}
     for kind in ("parallel", "houlsby"):
         model = dt.attach(gpt2(), dt.AdapterConfig(kind=kind, placement="both", bottleneck=6, scaling=4.0))
-        _perturb(model, "default")
+        perturb(model, "default")
         p = model.pieces_of("default")
         a_att, a_ffn = p["transformer.h.0.attn.c_proj"], p["transformer.h.0.mlp"]
         with torch.no_grad():
@@ -149,7 +141,7 @@ def test_adapter_and_lora_on_one_model_add():
     b = batch("llama")
     model = dt.attach(llama(), dt.LoRAConfig(r=4, targets=["q_proj", "o_proj", "down_proj"]), name="lora")
     model.add_delta("ad", dt.AdapterConfig(kind="houlsby", bottleneck=4))
-    _perturb(model, "lora", 0); _perturb(model, "ad", 1)
+    perturb(model, "lora", 0); perturb(model, "ad", 1)
     model.set_active(["lora", "ad"])
     both = logits(model, b)
     ref = dt.attach(llama(), dt.AdapterConfig(kind="houlsby", bottleneck=4))
@@ -171,7 +163,7 @@ def test_prompt_tuning_and_adapter_on_one_model_add():
     b = batch("llama")
     model = dt.attach(llama(), dt.PromptTuningConfig(num_virtual_tokens=3), name="prompt")
     model.add_delta("ad", dt.AdapterConfig(kind="houlsby", bottleneck=4))
-    _perturb(model, "prompt", 0); _perturb(model, "ad", 1)
+    perturb(model, "prompt", 0); perturb(model, "ad", 1)
     model.set_active(["prompt", "ad"])
     both = logits(model, b)
     assert both.shape[:2] == b["input_ids"].shape
@@ -221,7 +213,7 @@ def test_invertible_adapter_on_embeddings_and_head():
     pieces = model.pieces_of("default")
     assert {"transformer.wte", "lm_head"} <= set(pieces)
     assert not any(k.startswith("lm_head") for k in model.delta_state("default")), "the coupling is saved once"
-    _perturb(model, "default")
+    perturb(model, "default")
     coupling = pieces["transformer.wte"].coupling
     ids = batch("gpt2")["input_ids"]
     plain = gpt2()
@@ -243,7 +235,7 @@ def test_unknown_architecture_tells_how_to_name_modules():
         "attn": "self_attn.out_proj", "attn_input": "self_attn_layer_norm:output", "ffn": "fc2",
         "ffn_input": "fc1"}))
     torch.testing.assert_close(logits(model, b), ref)
-    _perturb(model, "default")
+    perturb(model, "default")
     assert not torch.allclose(logits(model, b), ref)
 
 
@@ -275,7 +267,7 @@ def test_defaults_follow_the_papers():
 def test_save_load_round_trip_parallel_with_taps(tmp_path):
     b = batch("bert")
     model = dt.attach(bert(), dt.AdapterConfig(kind="parallel", placement="both", scaling="learned"))
-    _perturb(model, "default")
+    perturb(model, "default")
     want = logits(model, b)
     model.save_pretrained(tmp_path)
     loaded = dt.DeltaModel.from_pretrained(bert(), tmp_path)
@@ -293,7 +285,7 @@ def test_mam_is_prefix_plus_parallel_ffn_adapter(arch):
     b = batch(arch)
     cfg = dt.MAMConfig(prefix_length=3, prefix_reparam_hidden=8, bottleneck=16, scaling=4.0, modules_to_save=[])
     mam = dt.attach(BUILDERS[arch](), cfg)
-    _perturb(mam, "default")
+    perturb(mam, "default")
     pair = dt.attach(BUILDERS[arch](), cfg.prefix_config(), name="prefix")
     pair.add_delta("adapter", cfg.adapter_config())
     with torch.no_grad():

@@ -7,15 +7,7 @@ import yaml
 
 import deltatune as dt
 from contract_cases import CASES
-from tiny import BUILDERS, batch, bert, llama, logits
-
-
-def _perturb(model, name, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.delta_parameters(name):
-            p.add_(torch.randn(p.shape, generator=g) * 0.1)
-
+from tiny import BUILDERS, batch, bert, llama, logits, perturb
 
 def test_active_list_adds_effects():
     b = batch("llama")
@@ -23,7 +15,7 @@ def test_active_list_adds_effects():
     model = dt.attach(llama(), dt.LoRAConfig(r=4, targets=["q_proj", "v_proj"]))
     model.add_delta("b", dt.LoRAConfig(r=2, targets=["v_proj", "down_proj"]))
     assert model.active_names == ["default"]
-    _perturb(model, "default", 0); _perturb(model, "b", 1)
+    perturb(model, "default", 0); perturb(model, "b", 1)
     a_only = logits(model, b)
     model.set_active("b"); b_only = logits(model, b)
     model.set_active(["default", "b"]); both = logits(model, b)
@@ -42,7 +34,7 @@ def test_active_list_adds_effects():
 def test_disabled_restores_state_even_on_error():
     b = batch("llama")
     model = dt.attach(llama(), dt.LoRAConfig(r=4))
-    _perturb(model, "default")
+    perturb(model, "default")
     tuned = logits(model, b)
     with pytest.raises(RuntimeError):
         with model.disabled():
@@ -71,7 +63,7 @@ def test_classification_head_is_trained_saved_and_restored(tmp_path):
     model = dt.attach(bert(), dt.LoRAConfig(r=4, targets=["query", "value"]))
     head = model.base_model.classifier
     assert isinstance(head, dt.DeltaLayer) and head.deltas["default"].module.weight.requires_grad
-    _perturb(model, "default")
+    perturb(model, "default")
     tuned = logits(model, b)
     model.save_pretrained(tmp_path)
     fresh = bert()
@@ -89,7 +81,7 @@ def test_several_deltas_save_to_subfolders(tmp_path):
     b = batch("llama")
     model = dt.attach(llama(), dt.LoRAConfig(r=4, targets=["q_proj"]))
     model.add_delta("b", dt.BitFitConfig(add_missing=True))
-    _perturb(model, "default"); _perturb(model, "b", 1)
+    perturb(model, "default"); perturb(model, "b", 1)
     model.set_active(["default", "b"])
     both = logits(model, b)
     model.save_pretrained(tmp_path)

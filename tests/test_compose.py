@@ -5,21 +5,13 @@ import torch
 import deltatune as dt
 from deltatune.compose import Block
 from deltatune.train import Trainer, TrainConfig
-from tiny import batch, bert, gpt2, llama, logits
-
-
-def _perturb(model, name, seed=0, scale=0.1):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.delta_parameters(name):
-            p.add_(torch.randn(p.shape, generator=g) * scale)
-
+from tiny import batch, bert, gpt2, llama, logits, perturb
 
 def _two_adapters(kind="houlsby", seeds=(0, 1)):
     # no task-head copies, so that every setup below reads the same (base) head
     model = dt.attach(bert(), dt.AdapterConfig(kind=kind, bottleneck=6, modules_to_save=[]), name="lang")
     model.add_delta("task", dt.AdapterConfig(kind=kind, bottleneck=6, modules_to_save=[]))
-    _perturb(model, "lang", seeds[0]); _perturb(model, "task", seeds[1])
+    perturb(model, "lang", seeds[0]); perturb(model, "task", seeds[1])
     return model
 
 
@@ -51,7 +43,7 @@ def test_madx_train_task_on_frozen_language_adapter_then_swap():
     model.add_delta("de", dt.AdapterConfig(kind="pfeiffer", invertible=True, bottleneck=6), trainable=False)
     model.add_delta("task", dt.AdapterConfig(kind="pfeiffer", bottleneck=6))
     model.set_trainable("en", False)
-    _perturb(model, "en", 0); _perturb(model, "de", 1)
+    perturb(model, "en", 0); perturb(model, "de", 1)
     model.set_active(dt.Stack("en", "task"))
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -76,7 +68,7 @@ def test_stack_with_lora_and_adapter():
     b = batch("llama")
     model = dt.attach(llama(), dt.LoRAConfig(r=2, targets=["o_proj"]), name="lora")
     model.add_delta("ad", dt.AdapterConfig(kind="houlsby", bottleneck=4))
-    _perturb(model, "lora"); _perturb(model, "ad", 1)
+    perturb(model, "lora"); perturb(model, "ad", 1)
     model.set_active(["lora", "ad"]); want = logits(model, b)
     model.set_active(dt.Stack("lora", "ad"))
     torch.testing.assert_close(logits(model, b), want)
@@ -86,7 +78,7 @@ def test_stack_with_lora_and_adapter():
 def test_fusion_matches_attention_formula():
     model = _two_adapters()
     model.add_delta("fz", dt.FusionConfig(adapters=["lang", "task"], temperature=2.0))
-    _perturb(model, "fz", 3, scale=0.3)
+    perturb(model, "fz", 3, scale=0.3)
     model.set_active(dt.Fuse("lang", "task", fusion="fz"))
     path = "bert.encoder.layer.1.attention.output.dense"
     layer = model.base_model.get_submodule(path)
@@ -105,7 +97,7 @@ def test_fusion_matches_attention_formula():
 def test_fusion_of_one_adapter_is_that_adapter():
     b = batch("bert")
     model = dt.attach(bert(), dt.AdapterConfig(kind="houlsby", bottleneck=6), name="a")
-    _perturb(model, "a")
+    perturb(model, "a")
     model.add_delta("fa", dt.FusionConfig(adapters=["a"], modules_to_save=[]))  # keep a's task head
     with torch.no_grad():  # random query/key: with one key the attention weight is 1 (saturated)
         for piece in model.pieces_of("fa").values():
@@ -155,7 +147,7 @@ def test_fusion_trains_only_its_own_parameters_and_round_trips(tmp_path):
     model(**b).loss.backward()
     assert all(p.grad is not None for p in model.delta_parameters("lang+task"))
     model.eval()
-    _perturb(model, "lang+task", 5)
+    perturb(model, "lang+task", 5)
     want = logits(model, b)
     model.save_pretrained(tmp_path)  # every delta: lang/ (root), task/, lang+task/
     fresh = dt.DeltaModel(bert())
@@ -180,8 +172,8 @@ def test_fusion_errors():
 def test_stack_with_fuse_round_trip(tmp_path):
     b = batch("bert")
     model = _two_adapters()
-    model.add_delta("x", dt.AdapterConfig(kind="houlsby", bottleneck=6)); _perturb(model, "x", 2)
-    model.add_delta("fz", dt.FusionConfig(adapters=["task", "x"])); _perturb(model, "fz", 3)
+    model.add_delta("x", dt.AdapterConfig(kind="houlsby", bottleneck=6)); perturb(model, "x", 2)
+    model.add_delta("fz", dt.FusionConfig(adapters=["task", "x"])); perturb(model, "fz", 3)
     setup = dt.Stack("lang", dt.Fuse("task", "x", fusion="fz"))
     assert setup.names() == ["lang", "task", "x", "fz"]
     model.set_active(setup)
@@ -262,8 +254,8 @@ def test_composition_values_are_hashable_immutable_and_round_trip_json():
 def test_stack_with_fuse_setup_saves_and_loads_whole(tmp_path):
     b = batch("bert")
     model = _two_adapters()
-    model.add_delta("x", dt.AdapterConfig(kind="houlsby", bottleneck=6, modules_to_save=[])); _perturb(model, "x", 2)
-    model.add_delta("fz", dt.FusionConfig(adapters=["task", "x"])); _perturb(model, "fz", 3)
+    model.add_delta("x", dt.AdapterConfig(kind="houlsby", bottleneck=6, modules_to_save=[])); perturb(model, "x", 2)
+    model.add_delta("fz", dt.FusionConfig(adapters=["task", "x"])); perturb(model, "fz", 3)
     setup = dt.Stack("lang", dt.Fuse("task", "x", fusion="fz"))
     model.set_active(setup)
     want = logits(model, b)
@@ -284,7 +276,7 @@ def test_average_setup_saves_and_loads_whole(tmp_path):
     model = dt.attach(llama(), cfg, name="run1")
     model.add_delta("run2", cfg)
     model.add_delta("other", dt.BitFitConfig(add_missing=True))
-    _perturb(model, "run1", 0); _perturb(model, "run2", 1); _perturb(model, "other", 2)
+    perturb(model, "run1", 0); perturb(model, "run2", 1); perturb(model, "other", 2)
     setup = dt.Average("run1", "run2", weights=[1, 3])
     model.set_active(setup)
     want = logits(model, b)
@@ -313,7 +305,7 @@ def test_saved_setup_root_still_loads_in_peft(tmp_path):
     b = batch("llama")
     model = dt.attach(llama(), dt.LoRAConfig(r=4, targets=["q_proj", "v_proj"]))
     model.add_delta("b", dt.LoRAConfig(r=4, targets=["q_proj", "v_proj"]))
-    _perturb(model, "default", 0); _perturb(model, "b", 1)
+    perturb(model, "default", 0); perturb(model, "b", 1)
     model.set_active(dt.Average("default", "b"))
     model.save_pretrained(tmp_path)
     model.set_active("default")
@@ -336,7 +328,7 @@ def test_average_of_identical_deltas_is_that_delta():
     b = batch("bert")
     for cfg in (dt.AdapterConfig(kind="parallel", placement="both"), dt.LoRAConfig(r=4)):
         model = dt.attach(bert(), cfg, name="a")
-        _perturb(model, "a")
+        perturb(model, "a")
         want = logits(model, b)
         dt.copy_delta(model, "a", "a2")
         model.set_active(dt.Average("a", "a2"))
@@ -350,7 +342,7 @@ def test_average_is_weight_space_mean():
     b = batch("llama")
     model = dt.attach(llama(), dt.LoRAConfig(r=4, targets=["q_proj", "v_proj"]), name="a")
     model.add_delta("b", dt.LoRAConfig(r=4, targets=["q_proj", "v_proj"]))
-    _perturb(model, "a", 0); _perturb(model, "b", 1)
+    perturb(model, "a", 0); perturb(model, "b", 1)
     ref = dt.attach(llama(), dt.LoRAConfig(r=4, targets=["q_proj", "v_proj"]))
     with torch.no_grad():
         for path, piece in ref.pieces_of("default").items():
@@ -392,7 +384,7 @@ def test_average_compares_configs_not_only_shapes():
 def test_average_of_model_level_deltas_points_to_average_deltas(cfg):
     b = batch("gpt2")
     model = dt.attach(gpt2(), cfg, name="r1")
-    _perturb(model, "r1")
+    perturb(model, "r1")
     want = logits(model, b)
     dt.copy_delta(model, "r1", "r2")
     with pytest.raises(dt.ConfigError, match=r"not averaged on the fly.*dt\.average_deltas\(model, \['r1', 'r2'\]"):
@@ -407,7 +399,7 @@ def test_ensemble_averages_probabilities():
     b["labels"] = torch.tensor([0, 1])
     model = dt.attach(bert(), dt.AdapterConfig(bottleneck=4), name="s0")
     model.add_delta("s1", dt.AdapterConfig(bottleneck=4))
-    _perturb(model, "s0", 0, 1.0); _perturb(model, "s1", 1, 1.0)
+    perturb(model, "s0", 0, 1.0); perturb(model, "s1", 1, 1.0)
     probs = []
     for n in ("s0", "s1"):
         model.set_active(n)
@@ -426,7 +418,7 @@ def test_ema_follows_the_formula():
     key = next(k for k in model.delta_state("default") if "lora_A" in k)
     shadow = model.delta_state("default")[key].clone()
     for seed in range(3):
-        _perturb(model, "default", seed)
+        perturb(model, "default", seed)
         ema()
         shadow = 0.5 * shadow + 0.5 * model.delta_state("default")[key]
     torch.testing.assert_close(model.delta_state("default_ema")[key], shadow)

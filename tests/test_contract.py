@@ -4,19 +4,9 @@ import torch
 
 import deltatune as dt
 from contract_cases import CASES
-from tiny import BUILDERS, ENCODER_DECODER, batch, logits
+from tiny import BUILDERS, ENCODER_DECODER, batch, logits, perturb
 
 GRID = [(m, a) for m, case in CASES.items() for a in case.get("archs", BUILDERS)]
-
-
-def _perturb(model, name, seed=0):
-    """Give the delta non-zero values, as training would."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.delta_parameters(name):
-            if p.is_floating_point():
-                p.add_(torch.randn(p.shape, generator=g).to(p.dtype) * 0.1)
-
 
 @pytest.mark.parametrize("method,arch", GRID)
 def test_contract(method, arch, tmp_path):
@@ -41,7 +31,7 @@ def test_contract(method, arch, tmp_path):
     for n, p in model.named_parameters():
         if n in frozen:
             torch.testing.assert_close(p, frozen[n], rtol=0, atol=0, msg=f"frozen {n} changed")
-    _perturb(model, "default")
+    perturb(model, "default")
     tuned = logits(model, b)
     assert not torch.allclose(tuned, ref), "the trained delta must change the outputs"
 
@@ -99,7 +89,7 @@ def test_generate(method, arch):
     if arch not in CASES[method].get("archs", BUILDERS):
         pytest.skip("method does not apply to this architecture")
     model = dt.attach(BUILDERS[arch](), CASES[method]["make"]())
-    _perturb(model, "default")
+    perturb(model, "default")
     ids = batch(arch)["input_ids"][:1]
     out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False)
     if not CASES[method].get("unloadable", True):  # reference: greedy decoding by full forwards

@@ -5,17 +5,14 @@ import torch
 
 import deltatune as dt
 
-from tiny import batch, llama, logits
+from tiny import batch, llama, logits, perturb
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 def _saved(tmp_path, tag, seed, **cfg):
     model = dt.attach(llama(), dt.LoRAConfig(targets=TARGETS, **cfg))
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.delta_parameters("default"):
-            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    perturb(model, seed=seed)
     model.save_pretrained(tmp_path / tag)
     return tmp_path / tag
 
@@ -78,10 +75,7 @@ def test_hotswap_of_other_methods(tmp_path):
     saved = []
     for seed in (0, 1):
         m = dt.attach(llama(), dt.AdapterConfig(kind="parallel"))
-        g = torch.Generator().manual_seed(seed)
-        with torch.no_grad():
-            for p in m.delta_parameters("default"):
-                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+        perturb(m, seed=seed)
         m.save_pretrained(tmp_path / str(seed))
         saved.append(tmp_path / str(seed))
     model = _fresh(saved[0])

@@ -9,25 +9,17 @@ import deltatune as dt
 from deltatune.methods import lora_kernels
 from deltatune.methods.lora import LoRALinear
 
-from tiny import BUILDERS, batch
+from tiny import BUILDERS, batch, perturb
 
 ALL_LINEAR = {"llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
               "gpt2": ["c_attn", "c_proj", "c_fc"], "bert": ["query", "key", "value", "dense"]}
-
-
-def _randomise(model, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_" in n:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
 
 
 def _pair(arch, **cfg):
     """(fast model, plain model): the same base and the same delta weights."""
     base = BUILDERS[arch]()
     fast = dt.attach(copy.deepcopy(base), dt.LoRAConfig(targets=ALL_LINEAR[arch], modules_to_save=[], **cfg))
-    _randomise(fast)
+    perturb(fast)
     plain = copy.deepcopy(fast)
     for m in plain.modules():
         if isinstance(m, LoRALinear):

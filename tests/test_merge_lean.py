@@ -4,16 +4,7 @@ import torch
 
 import deltatune as dt
 
-from tiny import batch, llama, logits
-
-
-def _perturb(model, name, seed):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.delta_parameters(name):
-            if p.is_floating_point():
-                p.add_(torch.randn(p.shape, generator=g) * 0.05)
-
+from tiny import batch, llama, logits, perturb
 
 def _weights(model):
     return {n: p.detach().clone() for n, p in model.base_model.named_parameters()}
@@ -26,7 +17,7 @@ def _model():
     model.add_delta("dora", dt.LoRAConfig(r=2, targets=["q_proj", "v_proj"], use_dora=True))
     model.add_delta("bitfit", dt.BitFitConfig(add_missing=True))  # Llama's linears have no bias: merge adds one
     for i, name in enumerate(model.configs):
-        _perturb(model, name, i)
+        perturb(model, name, i, scale=0.05)
     return model
 
 
@@ -68,7 +59,7 @@ def test_exact_merge_restores_bit_for_bit_from_cpu_copies():
 
 def test_merge_and_unload_keeps_no_copy():
     model = dt.attach(llama(), dt.LoRAConfig(r=4))
-    _perturb(model, "default", 0)
+    perturb(model, "default", 0, scale=0.05)
     b = batch("llama")
     tuned = logits(model, b)
     layers = [layer for _, layer in model.delta_layers()]

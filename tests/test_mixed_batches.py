@@ -10,18 +10,10 @@ import deltatune as dt
 from deltatune.core import mixed
 from deltatune.methods import lora_batched
 from deltatune.methods.lora import LoRALinear
-from tiny import VOCAB, bart, bert, gpt2, llama, llama_cls, t5
+from tiny import VOCAB, bart, bert, gpt2, llama, llama_cls, perturb, t5
 
 warnings.filterwarnings("ignore", message=".*will not detect padding tokens.*")
 ATOL = 1e-5
-
-
-def _perturb(model, name, seed=0, scale=0.1):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.delta_parameters(name):
-            p.add_(torch.randn(p.shape, generator=g) * scale)
-
 
 def _model(base, deltas):
     """A DeltaModel with the deltas {name: config} attached and perturbed (zero-initialised halves
@@ -29,7 +21,7 @@ def _model(base, deltas):
     model = None
     for i, (name, cfg) in enumerate(deltas.items()):
         model = dt.attach(base if model is None else model, cfg, name=name)
-        _perturb(model, name, seed=i)
+        perturb(model, name, seed=i)
     model.set_active(next(iter(deltas)))
     return model
 
@@ -107,7 +99,7 @@ def test_stacked_weights_follow_in_place_updates():
     model = _model(llama(), {"a": dt.LoRAConfig(r=2), "b": dt.LoRAConfig(r=2)})
     b, names = _ids(3), ["a", "b", None]
     first = _check_rows(model, b, names)
-    _perturb(model, "b", seed=7)  # in place: the cached stacks must notice
+    perturb(model, "b", seed=7)  # in place: the cached stacks must notice
     second = _check_rows(model, b, names)
     torch.testing.assert_close(first[0], second[0])
     assert not torch.allclose(first[1], second[1])
@@ -126,7 +118,7 @@ def test_one_kept_stack_serves_every_subset_of_the_deltas():
     _check_rows(model, _ids(3), ["c", None, "d"])  # another subset, ranks up to 4
     assert lora_batched._STACKS[layer][False] is stack
     model.add_delta("e", dt.LoRAConfig(r=2))
-    _perturb(model, "e", seed=9)
+    perturb(model, "e", seed=9)
     _check_rows(model, _ids(2), ["e", "a"])
     assert lora_batched._STACKS[layer][False].names == ("a", "b", "c", "d", "e")  # rebuilt with the new one
 

@@ -20,7 +20,7 @@ import deltatune as dt
 from contract_cases import CASES
 from deltatune.core.copy import TrainableCopy
 from deltatune.core.targets import named_base_modules
-from tiny import batch, llama, llama_cls, logits
+from tiny import batch, llama, llama_cls, logits, perturb
 
 FAMILIES = {"lora": "lora", "dora": "lora_dora", "bitfit": "bitfit", "partial": "partial", "full": "full",
             "adapter_houlsby": "adapter_houlsby", "adapter_parallel": "adapter_parallel",
@@ -39,18 +39,10 @@ def together(a: str, b: str) -> bool:
         return (b if a in COPIES else a) in INPUTS_ONLY
     return not (a in KV_PREFIX and b in KV_PREFIX)
 
-
-def _perturb(model, name, seed):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in dict.fromkeys(model.delta_parameters(name)):
-            p.add_(torch.randn(p.shape, generator=g) * 0.05)
-
-
 def _attach(model, family, name, seed):
     torch.manual_seed(seed)  # the same initial pieces whatever was attached before
     model.add_delta(name, CASES[FAMILIES[family]]["make"]())
-    _perturb(model, name, seed)
+    perturb(model, name, seed, scale=0.05)
 
 
 @functools.cache
@@ -137,7 +129,7 @@ def test_copy_is_of_the_pure_base_module():
 def test_copy_refuses_weights_with_merged_deltas():
     x = batch("llama")
     model = dt.attach(llama(), dt.LoRAConfig(r=4, targets=["q_proj"]), name="lora")
-    _perturb(model, "lora", 0)
+    perturb(model, "lora", 0, scale=0.05)
     model.merge(["lora"])
     for config in (dt.PartialConfig(last_k_layers=1), dt.PartialConfig(targets=["model.layers.1.self_attn.q_proj"])):
         with pytest.raises(dt.ConfigError, match=r"\['lora'\] are merged.*model\.unmerge\(\['lora'\]\)"):
@@ -154,7 +146,7 @@ def test_overlap_is_refused_by_name_and_disjoint_layers_combine(tmp_path):
     x = batch("llama")
     model = dt.attach(llama(), dt.LoRAConfig(r=4, targets=["q_proj"], layers=[1]), name="lo")
     model.add_delta("qcopy", dt.PartialConfig(targets=["model.layers.1.self_attn.q_proj"]))
-    _perturb(model, "lo", 0); _perturb(model, "qcopy", 1)
+    perturb(model, "lo", 0, scale=0.05); perturb(model, "qcopy", 1, scale=0.05)
     for active in (["lo", "qcopy"], ["qcopy", "lo"], dt.Stack("lo", "qcopy")):
         with pytest.raises(dt.ConfigError, match=r"'qcopy'.*'lo'.*model\.layers\.1\.self_attn\.q_proj.*separately"):
             model.set_active(active)
@@ -167,7 +159,7 @@ def test_overlap_is_refused_by_name_and_disjoint_layers_combine(tmp_path):
     # LoRA below the trained top layer: no overlap, so both act (and their effects add)
     model = dt.attach(llama(), dt.LoRAConfig(r=4, layers=[0]), name="lo")
     model.add_delta("top", dt.PartialConfig(last_k_layers=1))
-    _perturb(model, "lo", 0); _perturb(model, "top", 1)
+    perturb(model, "lo", 0, scale=0.05); perturb(model, "top", 1, scale=0.05)
     outs = {}
     for active in (["lo"], ["top"], ["lo", "top"]):
         model.set_active(active)

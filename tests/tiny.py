@@ -7,6 +7,16 @@ from transformers import (BartConfig, BartForConditionalGeneration, BertConfig, 
 VOCAB = 128
 
 
+def perturb(model, name="default", seed=0, scale=0.1):
+    """Give a delta non-zero values, as training would: seeded noise added once to each of its
+    floating-point parameters (a parameter two pieces share counts once)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in dict.fromkeys(model.delta_parameters(name)):
+            if p.is_floating_point():
+                p.add_(torch.randn(p.shape, generator=g).to(p.dtype) * scale)
+
+
 def llama(seed=0, cls=LlamaForCausalLM, **kw):
     torch.manual_seed(seed)
     cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,

@@ -137,9 +137,6 @@ class DeltaLayer(nn.Module):
                     if data is not None:
                         getattr(self.base_layer, pname).data.copy_(data)
                 again, self.merged = [n for n in self.merged if n != name], []
-                for pname in self.created:
-                    setattr(self.base_layer, pname, None)
-                self.created = set()
             else:
                 for n in reversed(self.merged[i:]):
                     if self.deltas[n].fold(self.base_layer, -1.0):
@@ -147,10 +144,10 @@ class DeltaLayer(nn.Module):
                     for pname, dw in self.deltas[n].unmerge_deltas(self.base_layer).items():
                         getattr(self.base_layer, pname).data -= dw.to(getattr(self.base_layer, pname).dtype)
                 again, self.merged = later, self.merged[:i]
-                if not self.merged:
-                    for pname in self.created:  # back to no bias at all, not a zero bias
-                        setattr(self.base_layer, pname, None)
-                    self.created = set()
+            if not self.merged:
+                for pname in self.created:  # back to no bias at all, not a zero bias
+                    setattr(self.base_layer, pname, None)
+                self.created = set()
         for n in again:
             self.merge(n, exact=exact)
         if not self.merged:

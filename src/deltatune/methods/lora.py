@@ -196,7 +196,7 @@ class LoRALinear(AddsToOutput):
         shared = self.__dict__.get("shared")
         h = shared.h_for(self, x, p, self.training) if shared is not None else project(
             x, self.lora_A.weight, p, self.training)
-        return AddLoRA.apply(out, h, self.lora_B.weight, float(self.scale), in_place)
+        return AddLoRA.apply(out, h, self.lora_B.weight, self.scale, in_place)
 
     def _plain(self, x, out, base_layer):
         xd = self.lora_dropout(x.to(self.lora_A.weight.dtype))

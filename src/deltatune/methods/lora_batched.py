@@ -20,6 +20,8 @@ import weakref
 import torch
 from torch import nn
 
+from .lora_kernels import can_add_in_place
+
 _STACKS: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()  # {layer: {mode: _Stack}}
 
 
@@ -59,7 +61,7 @@ def apply(state, slots: torch.Tensor, x: torch.Tensor, out: torch.Tensor, fresh:
     Bt = Bt.index_select(0, slots)  # [samples, R, out]
     if out.dtype != h.dtype:
         return out + torch.bmm(h, Bt).reshape(out.shape).to(out.dtype)
-    if fresh and out.is_contiguous():  # one pass over the output, no copy of it
+    if fresh and can_add_in_place(out):  # one pass over the output, no copy of it
         out.view(h.shape[0], -1, out.shape[-1]).baddbmm_(h, Bt)
         return out
     return torch.baddbmm(out.reshape(h.shape[0], -1, out.shape[-1]), h, Bt).view(out.shape)

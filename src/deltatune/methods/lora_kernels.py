@@ -14,6 +14,7 @@ Outputs equal the plain path's (tests/test_lora_fast.py); dropout's randomness d
 """
 from __future__ import annotations
 
+import math
 import weakref
 
 import torch
@@ -33,9 +34,7 @@ def keep_mask(shape, p: float, device) -> tuple[torch.Tensor, float]:
     if torch.device(device).type != "cpu":
         return torch.empty(shape, dtype=torch.bool, device=device).bernoulli_(1.0 - p), 1.0 / (1.0 - p)
     drop = round(p * _LEVELS)
-    n = 1
-    for d in shape:
-        n *= d
+    n = math.prod(shape)
     words = torch.empty((n + 3) // 4, dtype=torch.int64).random_(-2**63, 2**63 - 1)
     levels = words.view(torch.int16)[:n].view(shape)
     return levels >= drop - _LEVELS // 2, _LEVELS / (_LEVELS - drop)
