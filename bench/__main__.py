@@ -5,10 +5,10 @@ import sys
 import traceback
 import warnings
 
-from . import hotswap, infer, memory, merge, mixed, train
+from . import hotswap, infer, memory, merge, mixed, serve, train
 
 BENCHMARKS = {"train": train.main, "memory": memory.main, "infer": infer.main, "mixed": mixed.main,
-              "merge": merge.main, "hotswap": hotswap.main}
+              "merge": merge.main, "hotswap": hotswap.main, "serve": serve.main}
 
 
 def run_all(argv: list[str]) -> int:

@@ -247,9 +247,9 @@ def header(args, what: str, timed: bool = True) -> None:
         print("tiny mode: only the correctness checks mean something; timings and targets do not")
 
 
-def target(desc: str, value: float, limit: float, unit: str = "x") -> bool:
-    """Print whether value <= limit, with the measured value; return it."""
-    ok = value <= limit
+def target(desc: str, value: float, limit: float, unit: str = "x", at_least: bool = False) -> bool:
+    """Print whether value <= limit (value >= limit with at_least), with the measured value; return it."""
+    ok = value >= limit if at_least else value <= limit
     shown = f"{value:.3f}" if isinstance(value, float) else str(value)
     print(f"target {desc} [{shown}{unit}]: {'met' if ok else 'NOT met'}")
     return ok

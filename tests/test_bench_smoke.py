@@ -20,6 +20,9 @@ EXPECTED = {
                   "8 distinct: median ms"]),
     "merge": (1, ["ours-exact", "peft: weights after unmerge == original", "max |logits ours - peft (before merging)|",
                   "model memory at the merge peak / model size"]),
+    "serve": (1, ["one at a time: every answer equals DeltaModel.generate offline: ok",
+                  "32 clients: every answer equals DeltaModel.generate offline: ok", "requests/s", "p99",
+                  "the server exited with 0 on SIGTERM: ok"]),
     "hotswap": (2, ["max |logits ours swapped - peft swapped|", "max |compiled after swap - fresh load (lora_b)|",
                     "median ms: ours"]),
 }

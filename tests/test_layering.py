@@ -16,7 +16,7 @@ LAYERS = {
     "ensembles": 4, "eval": 4,
     "data": 5,
     "recipes": 6,
-    "config_file": 7, "demo": 7, "merged": 7,
+    "config_file": 7, "demo": 7, "merged": 7, "serve": 7,
     "cli": 8,
     "": 9,  # deltatune/__init__.py: the public API, and where built-in methods get registered
 }

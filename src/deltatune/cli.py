@@ -70,6 +70,18 @@ def _eval(args) -> int:
     return 0
 
 
+def _serve(args) -> int:
+    import os
+
+    from .serve import serve
+
+    return serve(host=args.host, port=args.port, shutdown_timeout=args.shutdown_timeout, base=args.base,
+                 deltas=args.deltas, name=args.name, device=args.device, dtype=args.dtype, max_batch=args.max_batch,
+                 max_resident=args.max_resident, merge_single=args.merge_single, max_tokens_cap=args.max_tokens_cap,
+                 max_context=args.max_context, api_key=args.api_key or os.environ.get("DELTATUNE_API_KEY"),
+                 request_timeout=args.request_timeout)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="deltatune", description=(
         "Adapt a frozen Hugging Face model with a delta (LoRA, BitFit, partial/full fine-tuning, ...)."))
@@ -110,6 +122,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("output_dir", help="a new or empty folder: weights, config, tokenizer, generation config")
     p.add_argument("--overwrite", action="store_true", help="replace OUTPUT_DIR even if it is not empty")
     p.set_defaults(func=_merge)
+
+    p = sub.add_parser("serve", help="serve a base model and a folder of deltas over an OpenAI-compatible HTTP API",
+                       description="POST /v1/completions and /v1/chat/completions (stream or not), GET /v1/models, "
+                       "POST /v1/deltas/reload, GET /health, GET /metrics. A request's model is BASE, BASE:DELTA or "
+                       "DELTA; requests on different deltas decode together in one batch.")
+    p.add_argument("--base", required=True, help="the base model's local directory, or a built-in name (smollm2)")
+    p.add_argument("--deltas", required=True, help="folder with one sub-folder per delta (as save_pretrained writes "
+                   "them); new folders are served without a restart")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--name", help="the base model's name in requests (default: the built-in name or folder name)")
+    p.add_argument("--max-resident", type=int, default=8, help="deltas kept loaded at once (least recently used "
+                   "are unloaded; default 8)")
+    p.add_argument("--max-batch", type=int, default=32, help="requests decoding together (default 32)")
+    p.add_argument("--max-tokens-cap", type=int, default=1024, help="largest max_tokens a request may ask (default 1024)")
+    p.add_argument("--max-context", type=int, default=None, help="prompt + max_tokens limit (default: the model's)")
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every endpoint but /health "
+                   "(or set DELTATUNE_API_KEY)")
+    p.add_argument("--request-timeout", type=float, default=600.0, help="seconds before a request is cancelled")
+    p.add_argument("--shutdown-timeout", type=float, default=30.0, help="on SIGTERM, seconds in-flight requests get "
+                   "to finish before the server exits")
+    p.add_argument("--merge-single", action="store_true", help="fold a mergeable delta into the weights while it "
+                   "is the only resident delta and every running request uses it")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if present)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.set_defaults(func=_serve)
     return parser
 
 

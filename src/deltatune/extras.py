@@ -6,6 +6,7 @@
 - `plots`: matplotlib and tensorboard, for a run's curves.png and TensorBoard event files;
 - `recipes`: sacrebleu and faiss-cpu, for BLEU scores and nearest-neighbour demonstrations (ipt);
 - `data`: datasets, for reading JSONL/CSV/Parquet files and saved datasets;
+- `serve`: fastapi, uvicorn and prometheus-client, for `deltatune serve`;
 - `all`: all of the above.
 """
 from __future__ import annotations

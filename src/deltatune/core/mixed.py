@@ -22,6 +22,12 @@ Model-level pieces (prompts) take part when their type gives each row its own de
 
 Rows: sample i owns the i-th of len(delta_names) equal blocks of a layer's input rows, as Hugging
 Face generate repeats each input for beams and returned sequences (repeat_interleave).
+
+`MixedBatch(..., decoding=True)` continues generations whose key/value cache was filled with each
+sample's delta (a server's decoding step, deltatune/serve): what the model-level pieces put in (a
+prompt's or prefix's keys and values) is in the cache already, so they are skipped, as are layer
+pieces that only act without a cache (`DeltaPiece.inert_with_cache`); every sample may then hold
+a delta of any kind.
 """
 from __future__ import annotations
 
@@ -120,8 +126,9 @@ def _batch_size(args, kwargs) -> int | None:
 class MixedBatch:
     """One delta name (or None) per sample for one call; installed as the DeltaLayers' `active`."""
 
-    def __init__(self, model, delta_names, args=(), kwargs=None):
+    def __init__(self, model, delta_names, args=(), kwargs=None, decoding: bool = False):
         self.model = model
+        self.decoding = decoding
         self.per_sample = check_delta_names(model, delta_names, _batch_size(args, kwargs or {}))
         self.distinct = list(dict.fromkeys(n for n in self.per_sample if n is not None))
         self.slot = {n: i + 1 for i, n in enumerate(self.distinct)}  # slot 0: the base model
@@ -132,7 +139,7 @@ class MixedBatch:
         self._plans: dict = {}  # {(layer id, slots present): _Plan} for this call
         self.layers = [layer for _, layer in model.delta_layers()]
         self._check_model()
-        self.level = self._model_level()
+        self.level = None if decoding else self._model_level()
 
     def names(self) -> list[str]:
         return list(self.distinct)
@@ -245,7 +252,8 @@ class MixedBatch:
         plan = self._plans.get(key)
         if plan is None:
             deltas = layer.deltas
-            live = {n: deltas[n] for n in self.distinct if self.slot[n] in present and n in deltas}
+            live = {n: deltas[n] for n in self.distinct if self.slot[n] in present and n in deltas
+                    and not (self.decoding and deltas[n].inert_with_cache)}
             additive = all(isinstance(p, AddsToOutput) for p in live.values())
             groups, rest = {}, {}
             for n, piece in live.items():

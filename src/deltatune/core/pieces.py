@@ -34,6 +34,9 @@ class DeltaPiece(nn.Module, abc.ABC):
     role: ClassVar[str] = ""
     mergeable: ClassVar[bool] = False   # merge() may fold this piece into the base model
     sparse_file: ClassVar[bool] = False  # saved tensors vary in size (indices + values): shapes not checked
+    # does nothing when its module is handed a key/value cache, whose entries already carry its effect
+    # (a prefix's attention piece): decoding steps that continue from such a cache skip it (core/mixed.py)
+    inert_with_cache: ClassVar[bool] = False
 
     def merge_deltas(self, base_layer) -> dict[str, torch.Tensor]:
         """{parameter name of base_layer: tensor to add} for merging."""

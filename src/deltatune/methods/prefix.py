@@ -275,6 +275,8 @@ class PrefixAttention(ChangesInputs):
     """At one attention module: hands it its layer's prefix as a one-layer cache when the
     model passes none (T5 encoder, gradient-checkpointed layers). Holds no parameters."""
 
+    inert_with_cache = True
+
     def __init__(self, source: KVPrefix, site: str, layer: int, base_layer: nn.Module):
         super().__init__()
         self.site, self.layer = site, layer
