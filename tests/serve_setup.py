@@ -22,8 +22,13 @@ DELTAS = {  # name -> config: every family that can generate
        for i in range(8)},
     "dora": dt.LoRAConfig(r=4, use_dora=True),
     "houlsby": dt.AdapterConfig(kind="houlsby", bottleneck=8),
+    "parallel": dt.AdapterConfig(kind="parallel", placement="both", bottleneck=8),
+    "pfeiffer-inv": dt.AdapterConfig(kind="pfeiffer", reduction_factor=4, invertible=True),
+    "mam": dt.MAMConfig(prefix_length=3, prefix_reparam_hidden=16, bottleneck=16),
     "prompt": dt.PromptTuningConfig(num_virtual_tokens=4, init="random"),
+    "p-tuning": dt.PTuningConfig(template="[P][P][P] {text}", encoder_hidden=16),
     "prefix": dt.PrefixConfig(num_virtual_tokens=3, reparam=False),
+    "p-tuning-v2": dt.PTuningV2Config(num_virtual_tokens=3),
 }
 
 

@@ -296,7 +296,7 @@ def test_engine_evicts_least_recently_used_deltas_and_stays_exact(root, refs):
 def test_engine_serves_a_lone_mergeable_delta_merged(root, refs):
     engine = _engine(root, max_resident=1, merge_single=True)
     try:
-        weight = engine.model.base_model.model.layers[0].self_attn.q_proj.base_layer.weight
+        weight = engine.model.base_model.model.layers[0].self_attn.q_proj.weight  # the same tensor once wrapped
         before = weight.clone()
         results = _run(engine, [("lora1", p) for p in S.PROMPTS])
         assert engine.merged is not None and not torch.equal(weight, before)
@@ -316,7 +316,8 @@ def test_text_stream_holds_back_what_may_become_a_stop_string():
     out = [stream.add(ord(c)) for c in "abEN"]
     assert out == [("a", False), ("b", False), ("", False), ("", False)]
     assert stream.add(ord("x")) == ("ENx", False)
-    assert [stream.add(ord(c)) for c in "yEND"][-1] == ("y", True) and stream.text == "abENxy"
+    assert [stream.add(ord(c)) for c in "yEND"] == [("y", False), ("", False), ("", False), ("", True)]
+    assert stream.text == "abENxy" and stream.flush() == ""
 
 
 def test_nucleus_keeps_the_smallest_set_reaching_top_p():

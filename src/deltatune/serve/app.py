@@ -51,7 +51,10 @@ class _Pending:
         self.request: Request | None = None
 
     def emit(self, kind, *args):  # called on the engine thread
-        self.loop.call_soon_threadsafe(self.queue.put_nowait, (kind, args))
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, (kind, args))
+        except RuntimeError:  # the event loop has closed (shutdown): nobody is waiting any more
+            pass
 
 
 def create_app(engine: Engine, tokenizer, store: DeltaStore, options: ServeOptions) -> FastAPI:

@@ -158,7 +158,13 @@ class Engine:
             (alone if resident is not None and resident.at_once else together).append((req, resident))
         if not together and not alone:
             return
-        self._choose_merge([r for _, r in together + alone])
+        try:
+            self._choose_merge([r for _, r in together + alone])
+        except Exception as e:  # noqa: BLE001 - the admitted requests fail, the engine goes on
+            for req, resident in together + alone:
+                self._release(resident)
+                req.emit("error", *_status(e))
+            return
         groups = ([together] if together else []) + [[item] for item in alone]
         for group in groups:
             try:
