@@ -17,7 +17,7 @@ import torch
 import deltatune as dt
 from deltatune.serve.deltas import DeltaStore
 from deltatune.serve.engine import Engine, Request
-from deltatune.serve.sampling import Sampling, TextStream, _nucleus
+from deltatune.serve.sampling import Sampling, TextStream, _nucleus, next_tokens
 import serve_setup as S
 
 KEY = "test-key"
@@ -138,6 +138,7 @@ def _raw(server, method, path, key=KEY, **kw):
     (json.dumps({"model": "tiny:a/b", "prompt": "x"}), 400, "not a delta name"),
     (json.dumps({"model": "..", "prompt": "x"}), 400, "not a delta name"),
     (json.dumps({"model": "tiny", "prompt": "x", "max_tokens": 65}), 400, "cap of 64"),
+    (json.dumps({"model": "tiny", "prompt": "x", "max_tokens": 4, "min_tokens": 5}), 400, "min_tokens"),
     (json.dumps({"model": "tiny", "prompt": "word " * 2040, "max_tokens": 16}), 400, "context"),
 ])
 def test_bad_requests_get_a_4xx_and_the_server_keeps_serving(server, client, body, status, words, refs):
@@ -318,6 +319,16 @@ def test_text_stream_holds_back_what_may_become_a_stop_string():
     assert stream.add(ord("x")) == ("ENx", False)
     assert [stream.add(ord(c)) for c in "yEND"] == [("y", False), ("", False), ("", False), ("", True)]
     assert stream.text == "abENxy" and stream.flush() == ""
+
+
+def test_min_tokens_rules_out_end_of_sequence_until_reached():
+    class Row:
+        sampling, generator = Sampling(max_tokens=4, temperature=0, min_tokens=2), None
+
+        def __init__(self, generated):
+            self.generated = generated
+    logits = torch.tensor([[0.0, 5.0, 1.0], [0.0, 5.0, 1.0]])  # token 1 (end of sequence here) leads
+    assert next_tokens(logits, [Row(1), Row(2)], eos=[1]) == [2, 1]
 
 
 def test_nucleus_keeps_the_smallest_set_reaching_top_p():

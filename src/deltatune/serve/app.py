@@ -126,8 +126,10 @@ def create_app(engine: Engine, tokenizer, store: DeltaStore, options: ServeOptio
             raise ApiError(400, f"This model's context is {options.max_context} tokens, but the prompt has {prompt_len} "
                                 f"and max_tokens asks for {limit} more; shorten the prompt or lower max_tokens.",
                            "context_length_exceeded", "messages" if isinstance(body, ChatRequest) else "prompt")
+        if body.min_tokens > limit:
+            raise ApiError(400, f"min_tokens {body.min_tokens} is above max_tokens {limit}.", param="min_tokens")
         return Sampling(max_tokens=limit, temperature=body.temperature, top_p=body.top_p, seed=body.seed,
-                        stop=body.stops())
+                        stop=body.stops(), min_tokens=body.min_tokens)
 
     @app.post("/v1/completions")
     async def completions(request: HttpRequest):

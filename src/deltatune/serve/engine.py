@@ -68,9 +68,8 @@ class Engine:
         self.merge_single = merge_single
         self.device = next(model.base_model.parameters()).device
         eos = model.base_model.generation_config.eos_token_id
-        self.eos = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
-        if tokenizer.eos_token_id is not None:
-            self.eos.add(tokenizer.eos_token_id)
+        self.eos = sorted(set(eos if isinstance(eos, list) else [] if eos is None else [eos])
+                          | ({tokenizer.eos_token_id} - {None}))
         self.keeps_logits = "logits_to_keep" in inspect.signature(type(model.base_model).forward).parameters
         self.cache_name = cache_kwarg(model.base_model)
         self.waiting: deque[Request] = deque()
@@ -272,7 +271,7 @@ class Engine:
                                f"{self.max_context} tokens; shorten the prompt or lower max_tokens.", 400)
         self.tokens_prefilled += int(lengths.sum())
         rows = Rows(seqs, cache, mask)
-        self._take(rows, next_tokens(logits, seqs))
+        self._take(rows, next_tokens(logits, seqs, self.eos))
         return rows
 
     def _prefill_together(self, seqs):
@@ -307,7 +306,7 @@ class Engine:
         out = self._forward([s.slot for s in rows.seqs], **rows.step_inputs([s.next_id for s in rows.seqs]),
                             **{self.cache_name: rows.cache}, use_cache=True)
         rows.advance(_cache_of(out))
-        self._take(rows, next_tokens(out.logits[:, -1], rows.seqs))
+        self._take(rows, next_tokens(out.logits[:, -1], rows.seqs, self.eos))
 
     def _take(self, rows: Rows, tokens: list[int]) -> None:
         """Give each row its token; rows that finish leave the batch."""

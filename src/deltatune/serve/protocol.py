@@ -21,6 +21,7 @@ class _Request(BaseModel):
     stream: bool = False
     stream_options: dict[str, Any] | None = None
     user: str | None = None
+    min_tokens: int = Field(default=0, ge=0)  # vLLM's extension: no end-of-sequence before this many tokens
     # accepted at their neutral values only
     n: int = 1
     frequency_penalty: float = 0.0

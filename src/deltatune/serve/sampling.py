@@ -15,6 +15,7 @@ class Sampling:
     top_p: float = 1.0
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
+    min_tokens: int = 0        # end-of-sequence tokens are not chosen before this many (vLLM's min_tokens)
 
     def generator(self, device) -> torch.Generator | None:
         """A seeded generator for this request (None when greedy): the same seed gives the same text,
@@ -29,9 +30,13 @@ class Sampling:
         return g
 
 
-def next_tokens(logits: torch.Tensor, rows: list) -> list[int]:
-    """One token per row of `logits` [rows, vocab]; rows[i] has `.sampling` and `.generator`."""
+def next_tokens(logits: torch.Tensor, rows: list, eos: list[int] = ()) -> list[int]:
+    """One token per row of `logits` [rows, vocab]; rows[i] has `.sampling`, `.generator` and
+    `.generated` (tokens so far: below its min_tokens, the `eos` tokens are ruled out)."""
     logits = logits.float()
+    early = [i for i, row in enumerate(rows) if row.generated < row.sampling.min_tokens]
+    if early and eos:
+        logits[torch.tensor(early)[:, None], torch.tensor(list(eos))[None, :]] = float("-inf")
     chosen = logits.argmax(-1).tolist()
     for i, row in enumerate(rows):
         s = row.sampling
