@@ -42,4 +42,25 @@ CASES = {
     "intrinsic": dict(make=lambda: dt.IntrinsicConfig(dim=100), identity_at_init=True, mergeable=True),
     "intrinsic_dense_said": dict(make=lambda: dt.IntrinsicConfig(dim=60, projection="dense", said=True),
                                  identity_at_init=True, mergeable=True),
+    # (IA)^3 (PEFT's per-architecture defaults; all-linear) and LayerNorm tuning (trained copies of the norms)
+    "ia3": dict(make=lambda: dt.IA3Config(), identity_at_init=True, mergeable=True),
+    "ia3_all_linear": dict(make=lambda: dt.IA3Config(targets="all-linear"), identity_at_init=True, mergeable=True),
+    "ln_tuning": dict(make=lambda: dt.LNTuningConfig(), identity_at_init=True, mergeable=False),
+    # LyCORIS family: LoKr's factors full (r=4) and all low-rank (r=1, decompose_both)
+    "loha": dict(make=lambda: dt.LoHaConfig(r=4, alpha=8), identity_at_init=True, mergeable=True),
+    "lokr": dict(make=lambda: dt.LoKrConfig(r=4, alpha=8), identity_at_init=True, mergeable=True),
+    "lokr_decompose_both": dict(make=lambda: dt.LoKrConfig(r=1, decompose_both=True, init_weights="lycoris"),
+                                identity_at_init=True, mergeable=True),
+    # VeRA (shared random A, B; seed-only file with dropout on q/v-like modules) and OFT (series, exact Cayley + COFT,
+    # one shared block on embeddings and queries)
+    "vera": dict(make=lambda: dt.VeRAConfig(r=8), identity_at_init=True, mergeable=True),
+    "vera_seed_only": dict(make=lambda: dt.VeRAConfig(r=4, save_projection=False, vera_dropout=0.1,
+                                                      targets=r".*(q_proj|c_attn|query|\.q|v_proj|value|\.v|fc1|wi)"),
+                           identity_at_init=True, mergeable=True),
+    "oft": dict(make=lambda: dt.OFTConfig(block_size=8), identity_at_init=True, mergeable=True),
+    "oft_exact_coft": dict(make=lambda: dt.OFTConfig(r=4, block_size=0, use_cayley_neumann=False, coft=True, eps=1e-2),
+                           identity_at_init=True, mergeable=True),
+    "oft_shared_embed": dict(make=lambda: dt.OFTConfig(r=4, block_size=0, block_share=True,
+                                                       targets=r".*(embed_tokens|word_embeddings|q_proj|query)"),
+                             identity_at_init=True, mergeable=True, archs=["llama", "llama_cls", "bert"]),
 }

@@ -22,6 +22,12 @@ from .methods.prefix import PrefixConfig
 from .methods.prompt_tuning import PromptTuningConfig
 from .methods.diff_pruning import DiffPruningConfig
 from .methods.intrinsic import IntrinsicConfig
+from .methods.ia3 import IA3Config
+from .methods.ln_tuning import LNTuningConfig
+from .methods.loha import LoHaConfig
+from .methods.lokr import LoKrConfig
+from .methods.oft import OFTConfig
+from .methods.vera import VeRAConfig
 from .compose import Average, Fuse, Stack
 from .ensembles import EMA, Ensemble, Snapshots, average_deltas, copy_delta
 from . import data, train  # noqa: E402  (dt.data.sms_spam, dt.train.Trainer)
@@ -36,6 +42,9 @@ __all__ = [
     "Snapshots", "Ensemble",
     "PromptTuningConfig", "PTuningConfig", "PrefixConfig", "PTuningV2Config", "MultiTaskPrompt",
     "DiffPruningConfig", "IntrinsicConfig",
+    "IA3Config", "LNTuningConfig",
+    "LoHaConfig", "LoKrConfig",
+    "VeRAConfig", "OFTConfig",
     "DeltaError", "ConfigError", "CorruptFileError", "IncompatibleDeltaError", "TargetNotFoundError",
     "UnknownMethodError",
 ]

@@ -99,8 +99,9 @@ def split_key(key: str, pieces: dict) -> tuple[str | None, str]:
                 best = path
         if best is not None:
             return best, rest[len(best) + 1:]
-    if key.startswith(PEFT_PROMPT_ROOT):
-        return None, key
+    model_level = pieces.get(MODEL_LEVEL)
+    if key.startswith(PEFT_PROMPT_ROOT) and (model_level is None or key not in model_level.file_state()):
+        return None, key  # a model-level piece owns "base_model.*" keys only if it saves them (VeRA's A and B)
     return (MODEL_LEVEL, key) if MODEL_LEVEL in pieces else (None, key)
 
 

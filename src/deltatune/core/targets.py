@@ -144,3 +144,18 @@ def _not_found_message(model, targets, layers, types, layers_pattern=None) -> st
         where += f" (the index after {layers_pattern!r})"
     return (f"Target modules {targets!r} not found{where} in {type(model).__name__}.{hint} "
             f"Modules this method can wrap here: {', '.join(leafs[:30])}.")
+
+
+def pattern_value(pattern: dict | None, path: str, default):
+    """The value a {module regex: value} pattern gives the module at `path` (PEFT's rank_pattern /
+    alpha_pattern rule: a key matches the end of the path), else `default`."""
+    for key, value in (pattern or {}).items():
+        if re.match(rf"(.*\.)?({key})$", path):
+            return value
+    return default
+
+
+def is_norm(module: nn.Module) -> bool:
+    """Whether a module is a normalisation layer: architectures name their norms differently
+    (LayerNorm, ln_1, input_layernorm); their classes agree better."""
+    return isinstance(module, (nn.LayerNorm, nn.GroupNorm)) or type(module).__name__.endswith(("LayerNorm", "RMSNorm"))

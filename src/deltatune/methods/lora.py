@@ -6,7 +6,6 @@ Embedding targets. Files are PEFT's LoRA format."""
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass, field
 
 import torch
@@ -19,7 +18,7 @@ from ..core.layer import unwrap
 from ..core.mixed import register_batched
 from ..core.pieces import AddsToOutput, DeltaPiece
 from ..core.registry import register
-from ..core.targets import LINEAR_TYPES, find_targets
+from ..core.targets import LINEAR_TYPES, find_targets, pattern_value
 from ..core.weights import oriented, stores_transposed
 from . import lora_batched
 from .lora_kernels import SAME_INPUT, AddLoRA, SharedInput, can_add_in_place, project
@@ -70,8 +69,8 @@ class LoRAConfig(DeltaConfig, PeftConvertible):
                               "but no layers=[...] are given to select.")
 
     def for_module(self, path: str) -> tuple[int, float]:
-        r = _pattern_value(self.rank_pattern, path, self.r)
-        alpha = _pattern_value(self.alpha_pattern, path, self.alpha)
+        r = pattern_value(self.rank_pattern, path, self.r)
+        alpha = pattern_value(self.alpha_pattern, path, self.alpha)
         return int(r), (alpha / math.sqrt(r) if self.use_rslora else alpha / r)
 
     # -- PEFT's adapter_config.json ------------------------------------------
@@ -106,14 +105,6 @@ class LoRAConfig(DeltaConfig, PeftConvertible):
                    rank_pattern=d.get("rank_pattern") or None,
                    alpha_pattern=d.get("alpha_pattern") or None, use_rslora=d.get("use_rslora", False),
                    use_dora=d.get("use_dora", False), modules_to_save=d.get("modules_to_save"))
-
-
-def _pattern_value(pattern, path, default):
-    # PEFT's rule: the key matches the end of the module path
-    for key, value in (pattern or {}).items():
-        if re.match(rf"(.*\.)?({key})$", path):
-            return value
-    return default
 
 
 class LoRALinear(AddsToOutput):

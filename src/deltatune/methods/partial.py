@@ -15,7 +15,7 @@ from ..core.copy import TrainableCopy
 from ..core.errors import ConfigError
 from ..core.layer import unwrap
 from ..core.registry import register
-from ..core.targets import find_targets, named_base_modules
+from ..core.targets import find_targets, is_norm, named_base_modules
 
 _LAYER_LIST = re.compile(r"^(.*\.)?(layers?|h|block|blocks)$")
 
@@ -47,7 +47,7 @@ class FullConfig(DeltaConfig):
 def build_partial(model: nn.Module, config: PartialConfig):
     paths = list(find_targets(model, config.targets, types=None)) if config.targets else []
     if config.norms:
-        paths += [p for p, m in named_base_modules(model) if p and _is_norm(m)]
+        paths += [p for p, m in named_base_modules(model) if p and is_norm(m)]
     for stack_path, stack in layer_stacks(model):
         k = min(config.last_k_layers, len(stack))
         paths += [f"{stack_path}.{i}" for i in range(len(stack) - k, len(stack))]
@@ -58,11 +58,6 @@ def build_partial(model: nn.Module, config: PartialConfig):
     # wrappers too: TrainableCopy copies the module they wrap and refuses one with merged deltas
     named = dict(named_base_modules(model, wrapped=True))
     return {p: TrainableCopy(named[p]) for p in paths}
-
-
-def _is_norm(module: nn.Module) -> bool:
-    # architectures name their norms differently (LayerNorm, ln_1, input_layernorm); their classes agree better
-    return isinstance(module, (nn.LayerNorm, nn.GroupNorm)) or type(module).__name__.endswith(("LayerNorm", "RMSNorm"))
 
 
 def build_full(model: nn.Module, config: FullConfig):
