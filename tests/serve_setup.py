@@ -21,6 +21,7 @@ DELTAS = {  # name -> config: every family that can generate
     **{f"lora{i}": dt.LoRAConfig(r=4 + i % 3 * 4, targets="all-linear" if i % 2 else ["q_proj", "v_proj"])
        for i in range(8)},
     "dora": dt.LoRAConfig(r=4, use_dora=True),
+    "ia3": dt.IA3Config(),
     "houlsby": dt.AdapterConfig(kind="houlsby", bottleneck=8),
     "parallel": dt.AdapterConfig(kind="parallel", placement="both", bottleneck=8),
     "pfeiffer-inv": dt.AdapterConfig(kind="pfeiffer", reduction_factor=4, invertible=True),
