@@ -16,7 +16,8 @@ from deltatune.extras import MissingExtraError, require
 from deltatune.train.logs import RunLog, open_tensorboard, plot_curves
 from deltatune.train.metrics import bleu
 
-OPTIONAL = ("matplotlib", "sacrebleu", "faiss", "tensorboard", "tensorboardX", "torch.utils.tensorboard")
+OPTIONAL = ("matplotlib", "sacrebleu", "faiss", "tensorboard", "tensorboardX", "torch.utils.tensorboard", "fastapi",
+            "uvicorn", "prometheus_client")
 SRC = Path(deltatune.__file__).resolve().parents[1]  # the tree this test imports, also in the subprocess
 
 
@@ -40,11 +41,19 @@ def test_pyproject_keeps_optional_packages_in_extras():
     tomllib = pytest.importorskip("tomllib")
     project = tomllib.loads((SRC.parent / "pyproject.toml").read_text())["project"]
     required = " ".join(project["dependencies"])
-    for package in ("matplotlib", "sacrebleu", "faiss", "tensorboard", "datasets"):
+    for package in ("matplotlib", "sacrebleu", "faiss", "tensorboard", "datasets", "fastapi", "uvicorn", "prometheus"):
         assert package not in required
     extras = project["optional-dependencies"]
-    assert {"data", "plots", "recipes", "all", "real", "test"} <= set(extras)
-    assert extras["all"] == ["deltatune[data,plots,recipes]"]
+    assert {"data", "plots", "recipes", "serve", "all", "real", "test"} <= set(extras)
+    assert extras["all"] == ["deltatune[data,plots,recipes,serve]"]
+
+
+def test_serve_without_fastapi_names_the_serve_extra(monkeypatch):
+    _unimportable(monkeypatch, "fastapi")
+    monkeypatch.delitem(sys.modules, "deltatune.serve", raising=False)  # imported afresh: its check runs
+    with pytest.raises(MissingExtraError, match=r"deltatune serve\) needs fastapi, which is not installed: "
+                                                r"pip install 'deltatune\[serve\]'"):
+        import deltatune.serve  # noqa: F401
 
 
 def test_bleu_without_sacrebleu_names_the_recipes_extra(monkeypatch):
