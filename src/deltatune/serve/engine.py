@@ -21,7 +21,7 @@ from typing import Callable
 import torch
 
 from ..core.errors import DeltaError
-from ..core.hf_cache import cache_kwarg
+from ..core.hf_cache import cache_kwarg, get_cache
 from ..core.mixed import MixedBatch
 from .batch import Rows, join, keep, layers_of
 from .deltas import DeltaStore, Unusable
@@ -160,20 +160,22 @@ class Engine:
         try:
             self._choose_merge([r for _, r in together + alone])
         except Exception as e:  # noqa: BLE001 - the admitted requests fail, the engine goes on
-            for req, resident in together + alone:
-                self._release(resident)
-                req.emit("error", *_status(e))
+            self._reject(together + alone, e)
             return
         groups = ([together] if together else []) + [[item] for item in alone]
         for group in groups:
             try:
                 rows = self._prefill(group)
             except Exception as e:  # noqa: BLE001 - e.g. a prompt too long with a delta's virtual tokens
-                for req, resident in group:
-                    self._release(resident)
-                    req.emit("error", *_status(e))
+                self._reject(group, e)
                 continue
             self.running = join(self.running, rows)
+
+    def _reject(self, admitted, error: Exception) -> None:
+        """Fail admitted requests [(request, resident delta or None)] that never reached the batch."""
+        for req, resident in admitted:
+            self._release(resident)
+            req.emit("error", *_status(error))
 
     def _unwait(self, req: Request) -> None:
         with self._wake:
@@ -256,7 +258,7 @@ class Engine:
             out = self._prefill_alone(seqs[0])
         else:
             out = self._prefill_together(seqs)
-        cache, logits = _cache_of(out), out.logits[:, -1]
+        cache, logits = get_cache(out), out.logits[:, -1]
         layers_of(cache)  # refuses caches that cannot be padded and joined
         lengths = torch.tensor([len(s.req.prompt_ids) for s in seqs], device=self.device)
         width = int(lengths.max())
@@ -305,7 +307,7 @@ class Engine:
         rows = self.running
         out = self._forward([s.slot for s in rows.seqs], **rows.step_inputs([s.next_id for s in rows.seqs]),
                             **{self.cache_name: rows.cache}, use_cache=True)
-        rows.advance(_cache_of(out))
+        rows.advance(get_cache(out))
         self._take(rows, next_tokens(out.logits[:, -1], rows.seqs, self.eos))
 
     def _take(self, rows: Rows, tokens: list[int]) -> None:
@@ -366,9 +368,3 @@ def _status(error: Exception) -> tuple[int, str]:
     if isinstance(error, DeltaError):
         return 422, str(error)
     return 500, f"Internal error while generating ({type(error).__name__}: {error})."
-
-
-def _cache_of(out):
-    cache = getattr(out, "cache", None)
-    return cache if cache is not None else out.past_key_values
-
