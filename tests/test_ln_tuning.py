@@ -13,7 +13,7 @@ import deltatune as dt
 from deltatune.methods.ln_tuning import NORMS, NormCopy
 from deltatune.core.targets import is_norm
 from peft_ref import peft_side
-from tiny import BUILDERS, VOCAB, batch, llama, logits, perturb
+from tiny import BUILDERS, check_mixed_rows, VOCAB, batch, llama, logits, perturb
 
 # peft's LN_TUNING warns about every norm it wraps ("Unsupported layer type ... proceed at your own risk")
 pytestmark = pytest.mark.filterwarnings("ignore:Unsupported layer type")
@@ -125,17 +125,7 @@ def test_each_sample_runs_with_its_own_norms():
     perturb(model, "a", seed=1)
     perturb(model, "b", seed=2)
     ids = torch.randint(3, VOCAB, (3, 6), generator=torch.Generator().manual_seed(3))
-    names = ["a", None, "b"]
-    with torch.no_grad():
-        mixed = model(input_ids=ids, delta_names=names).logits
-        for i, n in enumerate(names):
-            if n is None:
-                with model.disabled():
-                    alone = model(input_ids=ids[i:i + 1]).logits
-            else:
-                model.set_active(n)
-                alone = model(input_ids=ids[i:i + 1]).logits
-            torch.testing.assert_close(mixed[i:i + 1], alone, atol=1e-5, rtol=1e-5)
+    check_mixed_rows(model, {"input_ids": ids}, ["a", None, "b"])
 
 
 # -- errors -------------------------------------------------------------------------------------------

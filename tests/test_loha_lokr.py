@@ -19,7 +19,7 @@ from deltatune.core.registry import config_from_peft
 from deltatune.methods.loha import HadamardProduct, LoHaConfig, LoHaLinear
 from deltatune.methods.lokr import LoKrConfig, LoKrLinear, factorization
 from peft_ref import peft_side
-from tiny import BUILDERS, batch, logits, perturb
+from tiny import BUILDERS, check_mixed_rows, batch, logits, perturb
 
 TARGETS = {"llama": ["q_proj", "v_proj", "down_proj"], "llama_cls": "all-linear", "bert": ["query", "value", "dense"],
            "t5": ["q", "v", "wi"]}
@@ -262,25 +262,11 @@ def test_rank_dropout_rows_and_rescaling():
 
 # -- mixed batches, files of our own, errors ---------------------------------------------------------
 def test_mixed_batch_gives_each_sample_its_delta():
-    b = batch("llama", n=3)
     model = dt.attach(BUILDERS["llama"](), LoHaConfig(r=2))
     model.add_delta("kr", LoKrConfig(r=1, decompose_both=True))
     perturb(model, "default", seed=1)
     perturb(model, "kr", seed=2)
-    mixed = logits_named(model, b, ["kr", None, "default"])
-    alone = {}
-    for name in ("default", "kr"):
-        model.set_active([name])
-        alone[name] = logits(model, b)
-    with model.disabled():
-        alone[None] = logits(model, b)
-    for i, name in enumerate(["kr", None, "default"]):
-        torch.testing.assert_close(mixed[i], alone[name][i], atol=1e-5, rtol=1e-5)
-
-
-def logits_named(model, b, names):
-    with torch.no_grad():
-        return model(**b, delta_names=names).logits
+    check_mixed_rows(model, batch("llama", n=3), ["kr", None, "default"])
 
 
 def test_our_own_options_round_trip(tmp_path):

@@ -10,7 +10,7 @@ import deltatune as dt
 from deltatune.core import mixed
 from deltatune.methods import lora_batched
 from deltatune.methods.lora import LoRALinear
-from tiny import VOCAB, bart, bert, gpt2, llama, llama_cls, perturb, t5
+from tiny import VOCAB, alone, bart, bert, check_mixed_rows, gpt2, llama, llama_cls, perturb, rows, t5
 
 warnings.filterwarnings("ignore", message=".*will not detect padding tokens.*")
 ATOL = 1e-5
@@ -35,36 +35,6 @@ def _ids(n, length=6, seed=1, extra=None):
     return b
 
 
-def _alone(model, name, fn):
-    """fn() with only `name` acting (None: the base model); the active setup restored."""
-    before = model.active
-    try:
-        if name is None:
-            with model.disabled():
-                return fn()
-        model.set_active(name)
-        return fn()
-    finally:
-        model.set_active(before)
-
-
-def _rows(b, i):
-    return {k: v[i:i + 1] if torch.is_tensor(v) else v for k, v in b.items()}
-
-
-def _check_rows(model, b, names):
-    """The logits of a mixed batch against each sample's run alone; the active setup left as it was."""
-    before = model.active
-    with torch.no_grad():
-        got = model(**b, delta_names=names).logits
-        for i, n in enumerate(names):
-            want = _alone(model, n, lambda: model(**_rows(b, i)).logits)
-            torch.testing.assert_close(got[i:i + 1], want, atol=ATOL, rtol=0, msg=f"sample {i} ({n})")
-    assert model.active == before
-    assert all(layer.active == before for _, layer in model.delta_layers())  # restored after the call
-    return got
-
-
 # -- LoRA -------------------------------------------------------------------------------------
 LORAS = {
     "a": dt.LoRAConfig(r=2),
@@ -74,52 +44,52 @@ LORAS = {
 }
 
 
-def test_lora_samples_match_their_delta_alone():
+def test_lora_samples_match_their_deltaalone():
     model = _model(llama(), LORAS)
     names = ["a", None, "b", "rs", "a", "down", None, "rs"]
-    got = _check_rows(model, _ids(len(names)), names)
+    got = check_mixed_rows(model, _ids(len(names)), names)
     assert not torch.allclose(got[0], got[4]) and not torch.allclose(got[0], got[1])  # the deltas differ
 
 
 def test_lora_on_gpt2_conv1d_and_all_rows_one_delta():
     model = _model(gpt2(), {"a": dt.LoRAConfig(r=2), "b": dt.LoRAConfig(r=3, alpha=2, targets=["c_attn"])})
-    _check_rows(model, _ids(3), ["b", "a", "b"])
-    _check_rows(model, _ids(2), ["b", "b"])
-    _check_rows(model, _ids(2), [None, None])
+    check_mixed_rows(model, _ids(3), ["b", "a", "b"])
+    check_mixed_rows(model, _ids(2), ["b", "b"])
+    check_mixed_rows(model, _ids(2), [None, None])
 
 
 def test_dora_and_embedding_lora_mix_with_plain_lora():
     model = _model(llama(), {"dora": dt.LoRAConfig(r=2, use_dora=True, targets=["q_proj", "down_proj"]),
                              "emb": dt.LoRAConfig(r=2, targets=["embed_tokens", "v_proj"]),
                              "plain": dt.LoRAConfig(r=4, targets=["q_proj", "v_proj"])})
-    _check_rows(model, _ids(5), ["dora", "plain", "emb", None, "dora"])
+    check_mixed_rows(model, _ids(5), ["dora", "plain", "emb", None, "dora"])
 
 
 def test_stacked_weights_follow_in_place_updates():
     model = _model(llama(), {"a": dt.LoRAConfig(r=2), "b": dt.LoRAConfig(r=2)})
     b, names = _ids(3), ["a", "b", None]
-    first = _check_rows(model, b, names)
+    first = check_mixed_rows(model, b, names)
     perturb(model, "b", seed=7)  # in place: the cached stacks must notice
-    second = _check_rows(model, b, names)
+    second = check_mixed_rows(model, b, names)
     torch.testing.assert_close(first[0], second[0])
     assert not torch.allclose(first[1], second[1])
     piece = model.pieces_of("a")["model.layers.1.mlp.up_proj"]
     piece.lora_B.weight = torch.nn.Parameter(piece.lora_B.weight.detach() * 3)  # a new tensor
-    third = _check_rows(model, b, names)
+    third = check_mixed_rows(model, b, names)
     assert not torch.allclose(second[0], third[0])
 
 
 def test_one_kept_stack_serves_every_subset_of_the_deltas():
     model = _model(llama(), {n: dt.LoRAConfig(r=1 + i) for i, n in enumerate("abcd")})
     layer = model.base_model.get_submodule("model.layers.0.self_attn.q_proj")
-    _check_rows(model, _ids(2), ["a", "b"])
+    check_mixed_rows(model, _ids(2), ["a", "b"])
     stack = lora_batched._STACKS[layer][False]
     assert stack.names == ("a", "b", "c", "d")
-    _check_rows(model, _ids(3), ["c", None, "d"])  # another subset, ranks up to 4
+    check_mixed_rows(model, _ids(3), ["c", None, "d"])  # another subset, ranks up to 4
     assert lora_batched._STACKS[layer][False] is stack
     model.add_delta("e", dt.LoRAConfig(r=2))
     perturb(model, "e", seed=9)
-    _check_rows(model, _ids(2), ["e", "a"])
+    check_mixed_rows(model, _ids(2), ["e", "a"])
     assert lora_batched._STACKS[layer][False].names == ("a", "b", "c", "d", "e")  # rebuilt with the new one
 
 
@@ -128,7 +98,7 @@ def test_a_hooked_modules_output_is_not_changed_in_place():
     q = model.base_model.model.layers[0].self_attn.q_proj
     seen = []
     q.base_layer.register_forward_hook(lambda mod, args, out: seen.append((args[0], out)))
-    _check_rows(model, _ids(2), ["a", "b"])
+    check_mixed_rows(model, _ids(2), ["a", "b"])
     x, out = seen[0]  # from the mixed call: still the base module's own output
     torch.testing.assert_close(out, q.base_layer(x), rtol=0, atol=0)
 
@@ -162,7 +132,7 @@ def test_sixty_four_deltas_take_one_batched_call_per_layer(monkeypatch):
     monkeypatch.undo()
     with torch.no_grad():
         for i in (0, 37, 63):
-            want = _alone(model, names[i], lambda: model(**_rows(b, i)).logits)
+            want = alone(model, names[i], lambda: model(**rows(b, i)).logits)
             torch.testing.assert_close(got[i:i + 1], want, atol=ATOL, rtol=0)
 
 
@@ -186,51 +156,51 @@ def test_batched_lora_applies_each_samples_dropout():
 def test_each_sample_gets_its_deltas_task_head():
     model = _model(llama_cls(), {"a": dt.LoRAConfig(r=2), "b": dt.LoRAConfig(r=2, targets=["q_proj"])})
     assert "score" in model.pieces_of("a") and "score" in model.pieces_of("b")  # a trained copy each
-    _check_rows(model, _ids(4), ["b", "a", None, "b"])
+    check_mixed_rows(model, _ids(4), ["b", "a", None, "b"])
 
 
 @pytest.mark.parametrize("kind, placement", [("houlsby", "both"), ("pfeiffer", "ffn"), ("parallel", "ffn"),
                                              ("parallel", "both")])
-def test_adapters_mix_with_lora_and_base_rows(kind, placement):
+def test_adapters_mix_with_lora_and_baserows(kind, placement):
     model = _model(llama(), {"ad": dt.AdapterConfig(kind=kind, placement=placement, bottleneck=4),
                              "ad2": dt.AdapterConfig(kind=kind, placement=placement, bottleneck=6, scaling=2.0),
                              "lora": dt.LoRAConfig(r=2)})
-    _check_rows(model, _ids(5), ["ad", "lora", None, "ad2", "ad"])
+    check_mixed_rows(model, _ids(5), ["ad", "lora", None, "ad2", "ad"])
 
 
 def test_parallel_adapter_with_an_input_tap_and_invertible_adapters():
     # BART's FFN: the input tap on fc1 (changes inputs) hands fc2's adapter its input, per group of rows
     model = _model(bart(), {"par": dt.AdapterConfig(kind="parallel", bottleneck=4),
                             "par2": dt.AdapterConfig(kind="parallel", bottleneck=4)})
-    _check_rows(model, _ids(3, extra="decoder"), ["par2", None, "par"])
+    check_mixed_rows(model, _ids(3, extra="decoder"), ["par2", None, "par"])
     # MAD-X: the invertible adapter on the embeddings, its inverse on the LM head's input
     model = _model(llama(), {"inv": dt.AdapterConfig(kind="pfeiffer", invertible=True, bottleneck=4),
                              "lora": dt.LoRAConfig(r=2)})
-    _check_rows(model, _ids(3), ["inv", "lora", None])
+    check_mixed_rows(model, _ids(3), ["inv", "lora", None])
 
 
 def test_bitfit_and_adapters_on_bert_with_classifier_heads():
     model = _model(bert(), {"bias": dt.BitFitConfig(), "ad": dt.AdapterConfig(bottleneck=4),
                             "lora": dt.LoRAConfig(r=2, targets=["query", "value"])})
-    _check_rows(model, _ids(4), ["ad", "bias", "lora", None])
+    check_mixed_rows(model, _ids(4), ["ad", "bias", "lora", None])
 
 
-def test_bitfit_diff_pruning_and_intrinsic_act_on_their_rows():
+def test_bitfit_diff_pruning_and_intrinsic_act_on_theirrows():
     model = _model(llama(), {"bias": dt.BitFitConfig(add_missing=True), "diff": dt.DiffPruningConfig(),
                              "intr": dt.IntrinsicConfig(dim=16), "lora": dt.LoRAConfig(r=2)})
-    _check_rows(model, _ids(5), ["intr", "diff", "bias", None, "lora"])
+    check_mixed_rows(model, _ids(5), ["intr", "diff", "bias", None, "lora"])
 
 
 def test_trained_copies_of_whole_layers_run_per_group_without_a_cache():
     model = _model(llama(), {"part": dt.PartialConfig(last_k_layers=1), "lora": dt.LoRAConfig(r=2)})
     b, names = {**_ids(3), "use_cache": False}, ["part", "lora", None]
-    _check_rows(model, b, names)
+    check_mixed_rows(model, b, names)
     with pytest.raises(dt.ConfigError, match="cannot be split by sample.*use_cache=False"):
         model(**_ids(3), delta_names=names)  # a decoder layer's call carries the key/value cache
-    _check_rows(model, b, names)  # nothing left installed by the failed call
+    check_mixed_rows(model, b, names)  # nothing left installed by the failed call
     # full fine-tuning copies the whole body; the other rows run the base body with LoRA inside it
     model = _model(llama(), {"full": dt.FullConfig(), "lora": dt.LoRAConfig(r=2)})
-    _check_rows(model, b, ["lora", "full", None])
+    check_mixed_rows(model, b, ["lora", "full", None])
     with pytest.raises(dt.ConfigError, match="holds a DynamicCache.*use_cache=False"):
         model(**_ids(3), delta_names=["lora", "full", None])
 
@@ -243,16 +213,16 @@ def test_prompt_tuning_gives_each_sample_its_prompt():
     model = _model(llama(), PROMPTS)
     b = _ids(3)
     b["labels"] = b["input_ids"].clone()
-    got = _check_rows(model, b, ["p2", "p1", "p2"])
+    got = check_mixed_rows(model, b, ["p2", "p1", "p2"])
     assert got.shape[1] == b["input_ids"].shape[1]  # virtual positions trimmed
     model = _model(llama(), {"t1": dt.PTuningConfig(template="[P][P][P] {text}", encoder="mlp", encoder_hidden=8),
                              "t2": dt.PTuningConfig(template="[P][P][P] {text}", encoder="lstm", encoder_hidden=8)})
-    _check_rows(model, _ids(3), ["t1", "t2", "t2"])  # no markers: the vectors are prepended
+    check_mixed_rows(model, _ids(3), ["t1", "t2", "t2"])  # no markers: the vectors are prepended
     b = _ids(3)  # markers (-1) where the template has [P]: the vectors replace their embeddings
     b["input_ids"] = torch.cat([torch.full((3, 2), -1), b["input_ids"][:, :3], torch.full((3, 1), -1),
                                 b["input_ids"][:, 3:]], dim=1)
     b["attention_mask"] = torch.ones_like(b["input_ids"])
-    _check_rows(model, b, ["t2", "t1", "t1"])
+    check_mixed_rows(model, b, ["t2", "t1", "t1"])
 
 
 def test_prompts_refuse_samples_that_would_get_other_lengths():
@@ -285,7 +255,7 @@ BEAMS = {"num_beams": 2, "num_return_sequences": 2}
 
 
 @pytest.mark.parametrize("arch, options", [("llama", {}), ("llama", BEAMS), ("t5", BEAMS)])
-def test_generate_matches_each_sample_alone(arch, options):
+def test_generate_matches_each_samplealone(arch, options):
     # T5: the encoder sees one row per sample, the decoder num_beams rows per sample
     base, qv = (llama(), ["q_proj", "v_proj"]) if arch == "llama" else (t5(), ["q", "v"])
     model = _model(base, {"a": dt.LoRAConfig(r=2), "b": dt.LoRAConfig(r=4, targets=qv),
@@ -296,7 +266,7 @@ def test_generate_matches_each_sample_alone(arch, options):
     k = options.get("num_return_sequences", 1)
     assert got.shape[0] == k * len(names)
     for i, n in enumerate(names):
-        want = _alone(model, n, lambda: model.generate(**_rows(b, i), **kw))
+        want = alone(model, n, lambda: model.generate(**rows(b, i), **kw))
         assert torch.equal(_padded(want, got.shape[1]), got[i * k:(i + 1) * k]), (i, n)
     assert len({tuple(r) for r in got[::k, -5:].tolist()}) > 1  # the deltas lead to different tokens
 
@@ -307,7 +277,7 @@ def test_generate_with_prompt_tuning_per_sample():
     kw = dict(max_new_tokens=4, do_sample=False, pad_token_id=0)
     got = model.generate(**b, delta_names=names, **kw)
     for i, n in enumerate(names):
-        want = _alone(model, n, lambda: model.generate(**_rows(b, i), **kw))
+        want = alone(model, n, lambda: model.generate(**rows(b, i), **kw))
         assert torch.equal(_padded(want, got.shape[1]), got[i:i + 1]), i
 
 
@@ -327,7 +297,7 @@ def test_gradients_equal_the_summed_per_sample_gradients():
     model.zero_grad()
     for i, n in enumerate(names):
         if n is not None:
-            _alone(model, n, lambda: (model(**_rows(b, i)).logits * weight[i:i + 1]).sum().backward())
+            alone(model, n, lambda: (model(**rows(b, i)).logits * weight[i:i + 1]).sum().backward())
     for n, ps in params.items():
         for g, p in zip(got[n], ps):
             torch.testing.assert_close(g, p.grad, atol=1e-6 * float(p.grad.abs().max()), rtol=1e-5)

@@ -16,7 +16,7 @@ import deltatune as dt
 from deltatune.methods.oft import OFTConfig, OFTRotation, nearest_divisor, rotate
 from peft_ref import peft_side
 from test_vera import main, real_run
-from tiny import BUILDERS, batch, gpt2, llama, logits, perturb
+from tiny import BUILDERS, check_mixed_rows, batch, gpt2, llama, logits, perturb
 
 # PEFT's OFT wraps Linear, Conv2d and Embedding: not GPT-2's Conv1D (ours is checked against the formula)
 TARGETS = {"llama": ["q_proj", "down_proj", "embed_tokens"], "bert": ["query", "output.dense"], "t5": ["q", "wo"]}
@@ -191,19 +191,7 @@ def test_mixed_batch_rows_match_each_delta_alone():
     model.add_delta("b", OFTConfig(r=2, block_size=0, targets=["q_proj", "embed_tokens"]))
     perturb(model, "a", seed=1)
     perturb(model, "b", seed=2)
-    b = batch("llama", n=3)
-    names = ["b", None, "a"]
-    with torch.no_grad():
-        got = model(**b, delta_names=names).logits
-        for i, n in enumerate(names):
-            row = {k: v[i:i + 1] for k, v in b.items()}
-            if n is None:
-                with model.disabled():
-                    want = model(**row).logits
-            else:
-                model.set_active(n)
-                want = model(**row).logits
-            torch.testing.assert_close(got[i:i + 1], want, atol=1e-5, rtol=0)
+    check_mixed_rows(model, batch("llama", n=3), ["b", None, "a"])
 
 
 def test_rotate_is_a_block_diagonal_product():

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 import deltatune as dt
 from deltatune.methods.vera import VeRAConfig, VeRALinear, projections
 from peft_ref import peft_side
-from tiny import BUILDERS, batch, llama, logits, perturb
+from tiny import BUILDERS, check_mixed_rows, batch, llama, logits, perturb
 
 TARGETS = {"llama": ["q_proj", "v_proj", "down_proj"], "gpt2": ["c_attn", "c_fc"], "bert": ["query", "output.dense"],
            "t5": ["q", "wi", "wo"]}
@@ -156,19 +156,7 @@ def test_mixed_batch_rows_match_each_delta_alone():
     model.add_delta("b", VeRAConfig(r=4, targets="all-linear", projection_prng_key=1))
     perturb(model, "a", seed=1)
     perturb(model, "b", seed=2)
-    b = batch("llama", n=3)
-    names = ["a", None, "b"]
-    with torch.no_grad():
-        got = model(**b, delta_names=names).logits
-        for i, n in enumerate(names):
-            row = {k: v[i:i + 1] for k, v in b.items()}
-            if n is None:
-                with model.disabled():
-                    want = model(**row).logits
-            else:
-                model.set_active(n)
-                want = model(**row).logits
-            torch.testing.assert_close(got[i:i + 1], want, atol=1e-5, rtol=0)
+    check_mixed_rows(model, batch("llama", n=3), ["a", None, "b"])
 
 
 def test_bad_options_name_the_problem_and_the_fix(tmp_path):

@@ -78,3 +78,35 @@ def batch(name, n=2, length=7, seed=1):
 def logits(model, b):
     with torch.no_grad():
         return model(**b).logits
+
+
+# -- mixed-delta batches: each row against its delta alone -------------------------------------------
+def alone(model, name, fn):
+    """fn() with only `name` acting (None: the base model); the active setup restored."""
+    before = model.active
+    try:
+        if name is None:
+            with model.disabled():
+                return fn()
+        model.set_active(name)
+        return fn()
+    finally:
+        model.set_active(before)
+
+
+def rows(b, i):
+    return {k: v[i:i + 1] if torch.is_tensor(v) else v for k, v in b.items()}
+
+
+def check_mixed_rows(model, b, names, atol=1e-5):
+    """The logits of a mixed batch (`delta_names=names`) against each sample run alone with its delta;
+    the active setup left as it was. Returns the mixed logits."""
+    before = model.active
+    with torch.no_grad():
+        got = model(**b, delta_names=names).logits
+        for i, n in enumerate(names):
+            want = alone(model, n, lambda: model(**rows(b, i)).logits)
+            torch.testing.assert_close(got[i:i + 1], want, atol=atol, rtol=0, msg=f"sample {i} ({n})")
+    assert model.active == before
+    assert all(layer.active == before for _, layer in model.delta_layers())  # restored after the call
+    return got
