@@ -5,6 +5,7 @@ the slow tests and the measured figures in docs/diff_pruning.md and docs/intrins
     .venv/bin/python tests/real_runs.py intrinsic
     .venv/bin/python tests/real_runs.py pruning movement 0.6      (docs/pruning.md)
     .venv/bin/python tests/real_runs.py surgery remove 2          (docs/surgery.md)
+and `sms_run`, the one-delta run of the methods' slow tests (tests/test_<method>.py prints its figures).
 """
 import json
 import os
@@ -127,6 +128,58 @@ def run_surgery(out, kind="remove", k=2, lr=1e-3):
             "parameters": sum(p.numel() for p in model.parameters() if not p.requires_grad),
             "train_seconds": r["train_seconds"], "total_seconds": time.time() - started}
 
+
+
+# -- one delta on SMS spam: the runner of the methods' slow real-data tests -------------------------
+def sms_run(make, lr, score=True, head=("classifier",), n_train=N_TRAIN, epochs=1, max_length=MAX_LEN, seed=0):
+    """Train the delta `make()` on all-MiniLM-L6-v2 with 1,500 SMS spam messages for one epoch, then score
+    the test split once (no evaluation data during training: nothing is selected on it). score=False
+    reports only the training loss, which is how learning rates are chosen, blind to the test split.
+    `head`: the modules counted as the task head, not the delta, in the saved share."""
+    torch.manual_seed(seed)
+    model, tok = load_minilm_classifier()
+    train, test = dt.data.sms_spam()
+    train_f = dt.data.tokenize_classification(tok, train[:n_train], max_length=max_length)
+    delta = dt.attach(model, make())
+    cfg = dt.train.TrainConfig(output_dir="unused", epochs=epochs, lr=lr, batch_size=32, progress=False, save=False,
+                               eval_every_epoch=False, seed=seed, tensorboard=False, plot=False, log_every=1)
+    trainer = dt.train.Trainer(delta, cfg, train_f, collate_fn=dt.data.Collator(tok.pad_token_id))
+    start = time.time()
+    result = trainer.fit()
+    if not score:
+        return {"lr": lr, "final_train_loss": last_losses(trainer), "train_seconds": round(time.time() - start, 1)}
+    metrics = trainer.evaluate(dt.data.tokenize_classification(tok, test, max_length=max_length))
+    seconds = time.time() - start
+    spam = sum(e["label"] for e in test)
+    summary = delta.trainable_summary()
+    in_head = lambda key: any(f".{h}." in f".{key}" for h in head)  # noqa: E731
+    head_trained = sum(p.numel() for n, p in delta.named_parameters() if p.requires_grad and in_head(n))
+    base = sum(p.numel() for n, p in delta.base_model.named_parameters() if ".deltas." not in n)
+    saved = sum(v.numel() for k, v in delta.delta_state("default").items() if not in_head(k))
+    return {"lr": lr, "accuracy": metrics["accuracy"], "macro_f1": metrics["macro_f1"],
+            "majority": max(spam, len(test) - spam) / len(test), "test_examples": len(test),
+            "final_train_loss": last_losses(trainer), "steps": result["steps"], "trainable": summary["trainable"],
+            "trainable_percent": summary["percent"], "trainable_without_head": summary["trainable"] - head_trained,
+            "saved_share_percent": 100.0 * saved / base, "seconds": round(seconds, 1)}
+
+
+def last_losses(trainer, n=10):
+    """Mean training loss of the last n logged steps (what learning rates are chosen by)."""
+    losses = [r["loss"] for r in trainer.history if "loss" in r and "step" in r][-n:]
+    return round(sum(losses) / len(losses), 4) if losses else None
+
+
+def sms_main(setups, argv):
+    """`python tests/test_<method>.py [NAME ...]` prints each setup's figures; `... --train-loss NAME LR [LR ...]`
+    the final training loss for each learning rate (the test split untouched). setups: {name: (make, lr[, head])}."""
+    if argv[:1] == ["--train-loss"]:
+        make, _, *head = setups[argv[1]]
+        for value in argv[2:]:
+            print(argv[1], sms_run(make, float(value), False, *head), flush=True)
+    else:
+        for name in argv or setups:
+            make, lr, *head = setups[name]
+            print(name, sms_run(make, lr, True, *head), flush=True)
 
 if __name__ == "__main__":
     import tempfile

@@ -2,11 +2,11 @@
 both ways, merges, gradients, seeded dropout), GPT-2's Conv1D (which peft does not wrap), mixed
 batches, config errors, and a slow real-data check on all-MiniLM-L6-v2 + SMS spam:
 
-    .venv/bin/python tests/test_loha_lokr.py [loha|lokr]      (prints the figures in docs/lycoris.md)
+    .venv/bin/python tests/test_loha_lokr.py [loha|lokr]      (prints the figures in docs/lycoris.md;
+    learning rates: ... --train-loss loha LR [LR ...])
 """
 import copy
 import json
-import time
 
 import pytest
 import torch
@@ -19,6 +19,7 @@ from deltatune.core.registry import config_from_peft
 from deltatune.methods.loha import HadamardProduct, LoHaConfig, LoHaLinear
 from deltatune.methods.lokr import LoKrConfig, LoKrLinear, factorization
 from peft_ref import peft_side
+from real_runs import sms_main, sms_run
 from tiny import BUILDERS, check_mixed_rows, batch, logits, perturb
 
 TARGETS = {"llama": ["q_proj", "v_proj", "down_proj"], "llama_cls": "all-linear", "bert": ["query", "value", "dense"],
@@ -319,45 +320,14 @@ REAL = {  # learning rates chosen on the training loss (see docs/lycoris.md), ne
 }
 
 
-def run(method, lr=None, n_train=1500, epochs=1, max_length=64, seed=0):
-    """Train on 1500 SMS spam messages for one epoch (all linear layers + the new classifier head),
-    then score the test split once."""
-    from deltatune.demo import load_minilm_classifier
-    make, default_lr = REAL[method]
-    torch.manual_seed(seed)
-    model, tok = load_minilm_classifier()
-    train, test = dt.data.sms_spam()
-    train_f = dt.data.tokenize_classification(tok, train[:n_train], max_length=max_length)
-    test_f = dt.data.tokenize_classification(tok, test, max_length=max_length)
-    delta = dt.attach(model, make())
-    cfg = dt.train.TrainConfig(output_dir="unused", epochs=epochs, lr=lr or default_lr, batch_size=32, progress=False,
-                               save=False, eval_every_epoch=False, seed=seed, log_every=1)
-    trainer = dt.train.Trainer(delta, cfg, train_f, collate_fn=dt.data.Collator(tok.pad_token_id))
-    start = time.time()
-    trainer.fit()
-    seconds = round(time.time() - start, 1)
-    metrics = trainer.evaluate(test_f)
-    losses = [r["loss"] for r in trainer.history if "loss" in r]
-    summary = delta.trainable_summary()
-    spam = sum(e["label"] for e in test)
-    return {"method": method, "lr": lr or default_lr, "accuracy": metrics["accuracy"], "macro_f1": metrics["macro_f1"],
-            "majority": max(spam, len(test) - spam) / len(test), "test_examples": len(test),
-            "train_loss_last10": sum(losses[-10:]) / 10, "trainable": summary["trainable"],
-            "trainable_percent": summary["percent"], "seconds": seconds}
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("method", list(REAL))
 def test_lycoris_learns_sms_spam(method):
-    r = run(method)
+    r = sms_run(*REAL[method])
     print(r)  # the figures in docs/lycoris.md (pytest -s shows them)
     assert r["accuracy"] >= r["majority"] + 0.05, r
 
 
-if __name__ == "__main__":  # METHOD [LR]: one run; no arguments: every method at its chosen rate
+if __name__ == "__main__":
     import sys
-    if len(sys.argv) > 1:
-        print(run(sys.argv[1], float(sys.argv[2]) if len(sys.argv) > 2 else None), flush=True)
-    else:
-        for m in REAL:
-            print(run(m), flush=True)
+    sms_main(REAL, sys.argv[1:])

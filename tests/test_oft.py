@@ -2,7 +2,7 @@
 same weights in -> same logits out with every option peft has, files both ways, merging as peft
 merges, COFT's constraint, module dropout, clear errors; and a real-data run (slow).
 
-Figures in docs/vera_oft.md:  .venv/bin/python tests/test_oft.py   (learning rates: ... --train-loss 1e-3 3e-3)
+Figures in docs/vera_oft.md:  .venv/bin/python tests/test_oft.py   (learning rates: ... --train-loss oft 1e-3 3e-3)
 """
 import sys
 
@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 import deltatune as dt
 from deltatune.methods.oft import OFTConfig, OFTRotation, nearest_divisor, rotate
 from peft_ref import peft_side
-from test_vera import main, real_run
+from real_runs import sms_main, sms_run
 from tiny import BUILDERS, check_mixed_rows, batch, gpt2, llama, logits, perturb
 
 # PEFT's OFT wraps Linear, Conv2d and Embedding: not GPT-2's Conv1D (ours is checked against the formula)
@@ -233,10 +233,10 @@ REAL_OFT = (lambda: OFTConfig(block_size=32), 3e-3)
 
 @pytest.mark.slow
 def test_oft_learns_sms_spam():
-    r = real_run(*REAL_OFT)
+    r = sms_run(*REAL_OFT)
     print(r)
     assert r["accuracy"] >= r["majority"] + 0.05, r
 
 
 if __name__ == "__main__":
-    main(REAL_OFT, sys.argv[1:])
+    sms_main({"oft": REAL_OFT}, sys.argv[1:])

@@ -2,11 +2,10 @@
 same weights in -> same logits out, files both ways (with and without the projections), merging,
 mixed-delta batches, clear errors; and a real-data run (slow).
 
-Figures in docs/vera_oft.md:  .venv/bin/python tests/test_vera.py   (learning rates: ... --train-loss 1e-2 3e-2)
+Figures in docs/vera_oft.md:  .venv/bin/python tests/test_vera.py   (learning rates: ... --train-loss vera 1e-2 3e-2)
 """
 import json
 import sys
-import time
 
 import pytest
 import torch
@@ -17,6 +16,7 @@ from safetensors.torch import load_file
 import deltatune as dt
 from deltatune.methods.vera import VeRAConfig, VeRALinear, projections
 from peft_ref import peft_side
+from real_runs import sms_main, sms_run
 from tiny import BUILDERS, check_mixed_rows, batch, llama, logits, perturb
 
 TARGETS = {"llama": ["q_proj", "v_proj", "down_proj"], "gpt2": ["c_attn", "c_fc"], "bert": ["query", "output.dense"],
@@ -173,40 +173,6 @@ def test_bad_options_name_the_problem_and_the_fix(tmp_path):
 
 
 # -- real data (slow) -------------------------------------------------------------------------------
-def real_run(make, lr, score=True, n_train=1500, epochs=1, max_length=64, seed=0):
-    """Train one delta on 1,500 SMS spam examples (1 epoch), then score the test split once; with
-    score=False only the training loss is reported (how learning rates are chosen, blind to the test split)."""
-    from deltatune.demo import load_minilm_classifier
-    torch.manual_seed(seed)
-    model, tok = load_minilm_classifier()
-    train, test = dt.data.sms_spam()
-    train_f = dt.data.tokenize_classification(tok, train[:n_train], max_length=max_length)
-    delta = dt.attach(model, make())
-    cfg = dt.train.TrainConfig(output_dir="unused", epochs=epochs, lr=lr, batch_size=32, progress=False, save=False,
-                               eval_every_epoch=False, seed=seed, tensorboard=False, plot=False, log_every=1)
-    trainer = dt.train.Trainer(delta, cfg, train_f, collate_fn=dt.data.Collator(tok.pad_token_id))
-    start = time.time()
-    result = trainer.fit()  # no evaluation data: nothing is selected on the test split
-    if not score:
-        return {"lr": lr, "final_train_loss": _last_losses(trainer), "train_seconds": round(time.time() - start, 1)}
-    metrics = trainer.evaluate(dt.data.tokenize_classification(tok, test, max_length=max_length))
-    seconds = time.time() - start
-    spam = sum(e["label"] for e in test)
-    summary = delta.trainable_summary()
-    head = sum(p.numel() for n, p in delta.named_parameters() if p.requires_grad and "classifier" in n)
-    return {"accuracy": metrics["accuracy"], "macro_f1": metrics["macro_f1"],
-            "majority": max(spam, len(test) - spam) / len(test), "test_examples": len(test),
-            "final_train_loss": _last_losses(trainer), "steps": result["steps"], "trainable": summary["trainable"],
-            "trainable_percent": summary["percent"], "trainable_without_head": summary["trainable"] - head,
-            "seconds": round(seconds, 1)}
-
-
-def _last_losses(trainer, n=10):
-    """Mean training loss of the last n logged steps (what learning rates are chosen by)."""
-    losses = [r["loss"] for r in trainer.history if "loss" in r and "step" in r][-n:]
-    return round(sum(losses) / len(losses), 4) if losses else None
-
-
 # the paper's placement (query and value), r=256; lr on the training loss alone (last 10 steps): 3e-2 -> 0.163,
 # 1e-1 -> 0.078, 3e-1 -> 0.106 (all-linear at 3e-2: 0.087 but twice the compute; 1e-2 there: no learning yet)
 REAL_VERA = (lambda: VeRAConfig(r=256, targets=["query", "value"]), 1e-1)
@@ -214,21 +180,10 @@ REAL_VERA = (lambda: VeRAConfig(r=256, targets=["query", "value"]), 1e-1)
 
 @pytest.mark.slow
 def test_vera_learns_sms_spam():
-    r = real_run(*REAL_VERA)
+    r = sms_run(*REAL_VERA)
     print(r)
     assert r["accuracy"] >= r["majority"] + 0.05, r
 
 
-def main(setup, argv):
-    """`python tests/test_<method>.py` prints the run's figures; `... --train-loss LR [LR ...]` the final
-    training loss for each learning rate (the test split untouched)."""
-    make, lr = setup
-    if argv[:1] == ["--train-loss"]:
-        for value in argv[1:]:
-            print(real_run(make, float(value), score=False), flush=True)
-    else:
-        print(real_run(make, lr), flush=True)
-
-
 if __name__ == "__main__":
-    main(REAL_VERA, sys.argv[1:])
+    sms_main({"vera": REAL_VERA}, sys.argv[1:])
