@@ -12,13 +12,14 @@ LAYERS = {
     "core": 0,
     "extras": 1,
     "methods": 2,
-    "compose": 3, "prune": 3, "surgery": 3, "train": 3,
+    "compose": 3, "prune": 3, "surgery": 3, "train": 3, "arithmetic": 3,
     "ensembles": 4, "eval": 4,
     "data": 5,
     "recipes": 6,
     "config_file": 7, "demo": 7, "merged": 7, "serve": 7,
-    "cli": 8,
-    "": 9,  # deltatune/__init__.py: the public API, and where built-in methods get registered
+    "compare": 8,
+    "cli": 9,
+    "": 10,  # deltatune/__init__.py: the public API, and where built-in methods get registered
 }
 # the CLI imports its commands lazily so that `deltatune --help` stays fast
 LAZY_OK = {"deltatune.cli"}
