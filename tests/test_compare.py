@@ -3,6 +3,7 @@ learning-rate sweep chosen on the validation split, the cache (a finished compar
 an interrupted one runs only what is missing), a run in its own process, and config errors."""
 import csv
 import json
+from pathlib import Path
 
 import pytest
 
@@ -109,3 +110,13 @@ def test_bad_configs_name_the_problem_before_any_run(tmp_path, change, message):
 def test_only_must_name_methods_of_the_comparison(tmp_path):
     with pytest.raises(dt.ConfigError, match="--only names \\['lorra'\\]"):
         compare(_config(tmp_path), only=["lorra"])
+
+
+def test_the_example_comparison_runs_on_a_tiny_model(tmp_path):
+    small = [f"output_dir={tmp_path}", "model.tiny=true", "seeds=[0]", "isolate=false", "train.max_steps=2",
+             "data.max_train=32", "data.max_eval=16", "task.max_length=24", "train.progress=false"]
+    comp = load_comparison(Path(__file__).parent.parent / "examples" / "compare" / "sms.yaml", small)
+    assert len(comp.methods) >= 10 and comp.metric == "accuracy"
+    result = compare(comp, only=["head_only", "ia3"], log=lambda _: None)
+    assert [r["method"] for r in result["rows"]] == ["head_only", "ia3"]
+    assert [r["lr"] for r in result["rows"]] == [0.1, 3e-2]  # the methods' recommended rates (no lr set)

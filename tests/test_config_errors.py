@@ -112,7 +112,7 @@ def test_override_that_is_not_yaml_names_the_override(tmp_path):
     ("r: 8", "r: 0", "delta: LoRA rank r must be >= 1, got 0."),
     ("max_train: 600", "max_train: lots", "data.max_train must be an int, got 'lots'."),
     ("max_length: 64", "max_length: [64]", "task.max_length must be an int, got [64]."),
-    ("lr: 2.0e-3", "lr: fast", "train.lr must be a number, got 'fast'."),
+    ("lr: 2.0e-3", "lr: fast", "train.lr must be a number or null, got 'fast'."),
     ("batch_size: 16", "batch_size: 16.5", "train.batch_size must be an int, got 16.5."),
     ("type: classification", "type: 7", "task.type must be a string, got 7. Quote it to make it a string."),
     ("{path: minilm}", "{path: no}", "model.path must be a string, got False. YAML reads yes/no/on/off/true/false"),

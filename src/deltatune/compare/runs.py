@@ -94,11 +94,12 @@ def summarise(cfg, results: dict, wall_seconds: float) -> dict:
     test, validation = results.get("test") or {}, results.get("validation") or {}
     trainable = results.get("trainable") or {}
     delta = Path(results["delta"]) if results.get("delta") else None
-    return {"seed": cfg.train.seed, "lr": cfg.train.lr, "metric": metric,
+    fit = results.get("fit") or {}
+    return {"seed": cfg.train.seed, "lr": fit.get("lr", cfg.train.lr), "metric": metric,
             "test": test.get(metric), "validation": validation.get(metric), "test_metrics": test,
             "validation_metrics": validation, "trainable": trainable.get("trainable"),
             "total": trainable.get("total"), "percent": trainable.get("percent"),
-            "train_seconds": (results.get("fit") or {}).get("train_seconds"), "wall_seconds": round(wall_seconds, 1),
+            "train_seconds": fit.get("train_seconds"), "wall_seconds": round(wall_seconds, 1),
             "delta_bytes": sum(f.stat().st_size for f in delta.iterdir() if f.is_file())
             if delta and delta.is_dir() else None,
             "peak_rss_mb": None, "folder": cfg.output_dir}

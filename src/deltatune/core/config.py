@@ -19,6 +19,9 @@ class DeltaConfig:
     # options a hot-swap may change (DeltaModel.hotswap_delta): they change no tensor shape, and
     # `swap_into` hands their new values to the pieces; every other option must be equal
     swappable: ClassVar[tuple[str, ...]] = ()
+    # the peak learning rate a run uses when none is set (train/config.py resolve_lr): the rate this method
+    # learned at on all-MiniLM-L6-v2 + SMS spam in one epoch (docs/results.md), or the paper's where not measured
+    recommended_lr: ClassVar[float] = 1e-3
 
     modules_to_save: list[str] | None = dataclasses.field(
         default=None, metadata={"help": "extra modules (e.g. a new classification head) trained and saved whole"})

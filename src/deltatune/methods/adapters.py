@@ -364,6 +364,7 @@ register("adapter", AdapterConfig, build)
 # -- AdapterFusion -----------------------------------------------------------------
 @dataclass
 class FusionConfig(DeltaConfig):
+    recommended_lr = 5e-5  # the fusion layer over trained adapters (Pfeiffer et al. 2021)
     adapters: list[str] = field(default_factory=list, metadata={
         "help": "names of the attached adapter deltas to fuse (attach or load them first)"})
     temperature: float = field(default=1.0, metadata={"help": "softmax temperature of the fusion attention"})

@@ -49,6 +49,7 @@ from ..core.weights import oriented, stores_transposed, weight_out_in
 
 @dataclass
 class DiffPruningConfig(DeltaConfig):
+    recommended_lr = 5e-4  # MiniLM + SMS spam (docs/diff_pruning.md)
     density: float = field(default=0.005, metadata={
         "help": "target share of non-zero delta entries over the targeted weights (0.005 = 0.5 %)"})
     targets: list[str] | str = field(default="all-linear", metadata={

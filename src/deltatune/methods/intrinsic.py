@@ -41,6 +41,7 @@ DENSE_LIMIT = 2 ** 27  # entries of a dense P (512 MB of float32) before we refu
 
 @dataclass
 class IntrinsicConfig(DeltaConfig):
+    recommended_lr = 5e-2  # MiniLM + SMS spam, d=5000 (docs/intrinsic.md)
     dim: int = field(default=1000, metadata={
         "help": "intrinsic dimension d: trainable entries, lambdas included when said=True"})
     projection: str = field(default="fastfood", metadata={

@@ -26,6 +26,7 @@ FILE_KEY = "ln_tuning_layers"  # PEFT's module dict of the copies; its adapter-n
 @dataclass
 class LNTuningConfig(DeltaConfig, PeftConvertible):
     peft_type = "LN_TUNING"
+    recommended_lr = 3e-2  # MiniLM + SMS spam, chosen on the training loss (docs/ia3.md)
 
     targets: list[str] | str | None = field(default=None, metadata={
         "help": "modules to train whole (suffixes or a full-path regex); default: every normalisation layer, "

@@ -27,6 +27,7 @@ from ..core.weights import oriented, stores_transposed, weight_out_in
 @dataclass
 class LycorisConfig(DeltaConfig):
     """Options of LoHa and LoKr (not a method itself: LoHaConfig and LoKrConfig derive from it)."""
+    recommended_lr = 1e-2  # LoHa and LoKr on MiniLM + SMS spam, chosen on the training loss (docs/lycoris.md)
 
     r: int = field(default=8, metadata={"help": "rank of the low-rank factors; scale numerator alpha is divided by it"})
     alpha: float = field(default=8, metadata={"help": "the change is scaled by alpha / r"})

@@ -38,6 +38,7 @@ from ..core.weights import features, oriented, stores_transposed
 @dataclass
 class OFTConfig(DeltaConfig, PeftConvertible):
     peft_type = "OFT"
+    recommended_lr = 3e-3  # MiniLM + SMS spam, block 32, chosen on the training loss (docs/vera_oft.md)
 
     r: int = field(default=0, metadata={
         "help": "blocks per module (0: follows from block_size); set r or block_size, not both"})

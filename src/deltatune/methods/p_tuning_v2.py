@@ -26,6 +26,7 @@ from .model_inputs import nested_config
 @dataclass
 class PTuningV2Config(DeltaConfig, PeftConvertible):
     peft_type = "PREFIX_TUNING"  # written as PEFT prefix files, which load through prefix (then as this config)
+    recommended_lr = 1e-1  # MiniLM + SMS spam, 16 tokens per layer (docs/prompts.md)
     peft_loader = False
 
     num_virtual_tokens: int = field(default=16, metadata={"help": "prompt length in every layer"})

@@ -38,10 +38,18 @@ class PartialConfig(DeltaConfig):
         if self.last_k_layers < 0:
             raise ConfigError(f"last_k_layers must be >= 0, got {self.last_k_layers}.")
 
+    @property
+    def recommended_lr(self) -> float:
+        """Whole layers train: a rate between full fine-tuning's (5e-5) and a new head's (not measured yet);
+        only the task head (and norms): a fresh linear layer takes large steps (MiniLM + SMS spam, the
+        classifier alone: 1e-1 learned, 3e-2 less; tests/test_prompts_real.py)."""
+        return 1e-4 if (self.targets or self.last_k_layers) else 1e-1
+
 
 @dataclass
 class FullConfig(DeltaConfig):
     """Every parameter trains (in a copy of the model's modules)."""
+    recommended_lr = 5e-5  # all weights train: BERT's fine-tuning range 2e-5..5e-5 (Devlin et al. 2019)
 
 
 def build_partial(model: nn.Module, config: PartialConfig):

@@ -31,6 +31,7 @@ INITS = ("random", "vocab", "text", "labels")
 @dataclass
 class PromptTuningConfig(DeltaConfig, PeftConvertible):
     peft_type = "PROMPT_TUNING"
+    recommended_lr = 1e-1  # MiniLM + SMS spam, 16 tokens (docs/prompts.md); Lester et al. used 0.3
 
     num_virtual_tokens: int = field(default=20, metadata={"help": "number of soft tokens prepended to the input"})
     init: str = field(default="random", metadata={

@@ -32,6 +32,7 @@ FILE_A, FILE_B = "base_model.vera_A", "base_model.vera_B"  # PEFT's keys of the 
 @dataclass
 class VeRAConfig(DeltaConfig, PeftConvertible):
     peft_type = "VERA"
+    recommended_lr = 1e-1  # MiniLM + SMS spam, r=256 on query/value, chosen on the training loss (docs/vera_oft.md)
 
     r: int = field(default=256, metadata={
         "help": "rank of the shared random projections; far larger than a LoRA rank, as only vectors train"})

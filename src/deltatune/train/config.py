@@ -12,7 +12,8 @@ class TrainConfig:
     output_dir: str = field(default="outputs/run", metadata={"help": "where metrics and deltas are written"})
     epochs: float = field(default=3, metadata={"help": "passes over the training data"})
     max_steps: int = field(default=0, metadata={"help": "stop after this many optimizer steps (0: use epochs)"})
-    lr: float = field(default=5e-4, metadata={"help": "peak learning rate"})
+    lr: float | None = field(default=None, metadata={
+        "help": "peak learning rate (default: the delta method's recommended rate, printed at start)"})
     batch_size: int = field(default=32, metadata={
         "help": "examples per forward pass and process (global batch: batch_size x processes x grad_accum)"})
     eval_batch_size: int = field(default=64, metadata={"help": "examples per evaluation forward pass"})
@@ -62,6 +63,8 @@ class TrainConfig:
     def __post_init__(self):
         if self.schedule not in ("linear", "cosine", "constant"):
             raise ConfigError(f"schedule must be linear, cosine or constant, got {self.schedule!r}.")
+        if self.lr is not None and not self.lr > 0:
+            raise ConfigError(f"lr must be > 0, got {self.lr} (leave it unset for the method's recommended rate).")
         if self.batch_size < 1 or self.grad_accum < 1:
             raise ConfigError("batch_size and grad_accum must be >= 1.")
         if self.mixed_precision not in ("no", "fp16", "bf16"):
@@ -76,3 +79,24 @@ class TrainConfig:
         if self.greater_is_better is not None:
             return self.greater_is_better
         return not any(word in self.metric for word in ("loss", "perplexity"))
+
+
+# a model without deltas trains all its weights: full fine-tuning's usual rate (Devlin et al. 2019: 2e-5 to 5e-5)
+FULL_MODEL_LR = 5e-5
+
+
+def resolve_lr(config: TrainConfig, model) -> tuple[float, str]:
+    """The run's peak learning rate and where it comes from: `config.lr` when set, else the recommended
+    rate of the delta(s) being trained (`DeltaConfig.recommended_lr`; the smallest when several train)."""
+    if config.lr is not None:
+        return config.lr, "set"
+    configs = getattr(model, "configs", None)
+    if not configs:
+        return FULL_MODEL_LR, "full fine-tuning's usual rate (the model has no deltas)"
+    trained = [n for n in configs if any(p.requires_grad for p in model.delta_parameters(n))] or list(configs)
+    rates = {n: configs[n].recommended_lr for n in trained}
+    name = min(rates, key=rates.get)
+    why = f"recommended for {configs[name].method}"
+    if len(set(rates.values())) > 1:
+        why += f", the smallest of the trained deltas' ({', '.join(f'{n}: {r:g}' for n, r in rates.items())})"
+    return rates[name], why

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import shutil
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -24,7 +25,7 @@ from ..core.model import default_loss
 from . import checkpoint as ckpt
 from . import sharded
 from .batches import local_batches, steps_per_epoch
-from .config import TrainConfig
+from .config import TrainConfig, resolve_lr
 from .interrupts import StopRequest
 from .logs import METRICS_NAME, RunLog, append_jsonl, jsonl_size, truncate_jsonl
 from .metrics import classification_metrics
@@ -80,6 +81,7 @@ class Trainer:
         if next(model.parameters()).device != self.device:
             model.to(self.device)
         self.out = Path(config.output_dir)
+        self.lr, self.lr_source = resolve_lr(config, model)
         self.history: list[dict] = []
         self._best_state: dict | None = None  # the best delta's tensors (CPU), put back at the end (load_best_at_end)
         self._run_log: RunLog | None = None
@@ -108,7 +110,7 @@ class Trainer:
         no_decay = [p for p in params if p.ndim < 2]
         groups = [{"params": decay, "weight_decay": self.config.weight_decay},
                   {"params": no_decay, "weight_decay": 0.0}]
-        return torch.optim.AdamW([g for g in groups if g["params"]], lr=self.config.lr)
+        return torch.optim.AdamW([g for g in groups if g["params"]], lr=self.lr)
 
     def _scheduler(self, opt, steps):
         from transformers import get_scheduler
@@ -152,6 +154,8 @@ class Trainer:
         if len(self.train_data) == 0:
             raise ConfigError("The training data is empty: nothing to train on.")
         set_seed(c.seed)
+        if self.lr_source != "set" and c.progress and self.is_main:
+            print(f"deltatune: lr {self.lr:g} ({self.lr_source}; set lr to choose another)", file=sys.stderr)
         steps = self.total_steps()
         opt = self._optimizer()
         sched = self._scheduler(opt, steps)
@@ -179,7 +183,8 @@ class Trainer:
         if c.load_best_at_end and self._best_state is not None and state["best_step"] != state["step"]:
             self.model.load_state_dict(sharded.shard_like(self.model, self._best_state), strict=True)
             selected = state["best_step"]
-        return {"steps": state["step"], "epochs": state["epoch"], "train_seconds": round(state["train_seconds"], 2),
+        return {"steps": state["step"], "epochs": state["epoch"], "lr": self.lr,
+                "train_seconds": round(state["train_seconds"], 2),
                 "stopped_early": state["stopped_early"], "selected_step": selected,
                 **{f"best_{k}": v for k, v in (state["best_metrics"] or {}).items()}}
 
