@@ -3,7 +3,7 @@
 A run whose record exists for the same config is done; a run without one starts again from its newest
 checkpoint. With isolate, each run is its own process, so its peak memory is its own:
 
-    python -m deltatune.compare.runs RUNS/ID.yaml
+    python -m deltatune.compare RUNS/ID.yaml      (compare/__main__.py)
 """
 from __future__ import annotations
 
@@ -64,7 +64,7 @@ def execute(run: Run, isolate: bool) -> dict:
     atomic_write(run.spec_file, lambda t: Path(t).write_text(text))
     if not isolate:
         return run_spec(run.spec_file, measure_memory=False)
-    child = subprocess.run([sys.executable, "-m", "deltatune.compare.runs", str(run.spec_file)])
+    child = subprocess.run([sys.executable, "-m", "deltatune.compare", str(run.spec_file)])
     if child.returncode != 0 or not run.record_file.is_file():
         raise ConfigError(f"The run {run.label()} failed (exit code {child.returncode}; its output is above, its "
                           f"folder {run.folder}). Fix the cause and run the comparison again: finished runs are kept.")
@@ -110,7 +110,3 @@ def _peak_rss_mb() -> float:
 
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / 2**20 if sys.platform == "darwin" else peak / 2**10  # bytes on macOS, KiB on Linux
-
-
-if __name__ == "__main__":
-    run_spec(Path(sys.argv[1]))
