@@ -254,16 +254,16 @@ class Engine:
 
     def _prefill(self, group) -> Rows:
         seqs = [_Seq(req, r.slot if r else None, self.tokenizer, self.device) for req, r in group]
+        lengths = torch.tensor([len(s.req.prompt_ids) for s in seqs], device=self.device)
+        width = int(lengths.max())
+        mask = (torch.arange(width, device=self.device) >= width - lengths[:, None]).long()  # left padding
         if len(group) == 1 and group[0][1] is not None and group[0][1].at_once:
             out = self._prefill_alone(seqs[0])
         else:
-            out = self._prefill_together(seqs)
+            out = self._prefill_together(seqs, mask)
         cache, logits = get_cache(out), out.logits[:, -1]
         layers_of(cache)  # refuses caches that cannot be padded and joined
-        lengths = torch.tensor([len(s.req.prompt_ids) for s in seqs], device=self.device)
-        width = int(lengths.max())
         virtual = cache.get_seq_length() - width  # a prompt's or prefix's positions, in front
-        mask = (torch.arange(width, device=self.device) >= width - lengths[:, None]).long()
         mask = torch.cat([mask.new_ones(len(seqs), virtual), mask], dim=1)
         for seq in seqs:
             total = virtual + len(seq.req.prompt_ids) + seq.sampling.max_tokens
@@ -276,18 +276,14 @@ class Engine:
         self._take(rows, next_tokens(logits, seqs, self.eos))
         return rows
 
-    def _prefill_together(self, seqs):
-        width = max(len(s.req.prompt_ids) for s in seqs)
-        ids = torch.full((len(seqs), width), self.tokenizer.pad_token_id or 0, dtype=torch.long)
-        mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    def _prefill_together(self, seqs, mask):
+        """One forward over the prompts, left-padded as `mask` says."""
+        ids = torch.full(mask.shape, self.tokenizer.pad_token_id or 0, dtype=torch.long)
         for i, s in enumerate(seqs):
-            n = len(s.req.prompt_ids)
-            ids[i, width - n:] = torch.tensor(s.req.prompt_ids)
-            mask[i, width - n:] = 1
-        ids, mask = ids.to(self.device), mask.to(self.device)
+            ids[i, mask.shape[1] - len(s.req.prompt_ids):] = torch.tensor(s.req.prompt_ids)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        return self._forward([s.slot for s in seqs], input_ids=ids, attention_mask=mask, position_ids=positions,
-                             use_cache=True)
+        return self._forward([s.slot for s in seqs], input_ids=ids.to(self.device), attention_mask=mask,
+                             position_ids=positions, use_cache=True)
 
     def _prefill_alone(self, seq):
         """A prompt or prefix delta changes the inputs: prefilled with it active, as generate would."""
