@@ -63,9 +63,10 @@ def test_penalty_pushes_gates_toward_target_and_reaches_the_loss():
 
 
 def _relaxed_run(tmp_path, steps, **config):
-    """`steps` optimizer steps of task loss + L0 penalty on tiny BERT, the Trainer's default lr (5e-4)."""
+    """`steps` optimizer steps of task loss + L0 penalty on tiny BERT (by hand: phases=False), at diff
+    pruning's recommended lr (5e-4)."""
     from tiny import VOCAB
-    model = dt.attach(bert(), dt.DiffPruningConfig(density=0.05, **config))
+    model = dt.attach(bert(), dt.DiffPruningConfig(density=0.05, phases=False, **config))
     g = torch.Generator().manual_seed(0)
     data = [{"input_ids": ids, "attention_mask": [1] * 8, "labels": int(ids[0] < VOCAB // 2)}
             for ids in torch.randint(3, VOCAB, (64, 8), generator=g).tolist()]
@@ -223,3 +224,96 @@ def test_projection_in_train_mode_equals_eval_mode_and_stores_no_zeros():
     assert int(kept.sum()) == r_train["kept"]
     torch.testing.assert_close(stored[kept], fixed[kept], rtol=0, atol=0)  # exactly z * w, deterministic z
     assert fixed.abs()[kept].min() >= fixed.abs()[~kept].max()
+
+
+# -- the Trainer's own phases (phases=True, the default) ---------------------------------------------
+def _data(n=32):
+    from tiny import VOCAB
+    g = torch.Generator().manual_seed(0)
+    return [{"input_ids": ids, "attention_mask": [1] * 8, "labels": int(ids[0] < VOCAB // 2)}
+            for ids in torch.randint(3, VOCAB, (n, 8), generator=g).tolist()]
+
+
+def _phased(tmp_path, callbacks=(), **kw):
+    torch.manual_seed(0)
+    model = dt.attach(bert(), dt.DiffPruningConfig(density=0.05))
+    cfg = dt.train.TrainConfig(output_dir=str(tmp_path), max_steps=6, batch_size=8, progress=False, log_every=1,
+                               tensorboard=False, plot=False, **kw)
+    trainer = dt.train.Trainer(model, cfg, _data(), collate_fn=dt.data.Collator(0), callbacks=callbacks)
+    return model, trainer, trainer.fit()
+
+
+def test_fit_runs_relaxed_l0_projection_and_fixed_mask_as_by_hand(tmp_path):
+    model, trainer, result = _phased(tmp_path / "auto", save=False)
+    assert [(r["phase"], r["steps"], r["lr"]) for r in result["phases"]] == [("relaxed_l0", 3, 5e-4),
+                                                                             ("fixed_mask", 3, 1e-2)]
+    assert result["steps"] == 6 and [r["step"] for r in trainer.history if "loss" in r] == [1, 2, 3, 4, 5, 6]
+    pieces = [p for p in model.pieces_of("default").values() if isinstance(p, dp.DiffLinear)]
+    total = sum(p.numel for p in pieces)
+    assert all(p.projected for p in pieces)
+    assert sum(p.values.numel() for p in pieces) == round(0.05 * total)  # exactly the target density
+    # the same three steps written out by hand give the same delta, bit for bit
+    torch.manual_seed(0)
+    by_hand = dt.attach(bert(), dt.DiffPruningConfig(density=0.05, phases=False))
+
+    def cfg(lr):
+        return dt.train.TrainConfig(output_dir=str(tmp_path / "hand"), max_steps=3, batch_size=8, lr=lr,
+                                    progress=False, save=False)
+    dt.train.Trainer(by_hand, cfg(5e-4), _data(), collate_fn=dt.data.Collator(0), loss_fn=dp.with_l0_penalty()).fit()
+    dp.project(by_hand)
+    dt.train.Trainer(by_hand, cfg(1e-2), _data(), collate_fn=dt.data.Collator(0)).fit()
+    got, want = model.delta_state("default"), by_hand.delta_state("default")
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in got)
+
+
+def test_a_run_interrupted_in_the_fixed_mask_phase_resumes_exactly(tmp_path):
+    class Stop(Exception):
+        pass
+
+    def stop(trainer, step):  # callbacks count each phase's own steps
+        if trainer.out.name.startswith("phase-2") and step == 2:
+            raise Stop
+
+    ref, _, _ = _phased(tmp_path / "ref", checkpoint_every=1)
+    with pytest.raises(Stop):
+        _phased(tmp_path / "run", callbacks=[stop], checkpoint_every=1)
+    resumed, _, result = _phased(tmp_path / "run", checkpoint_every=1, resume=True)
+    assert result["steps"] == 6
+    got, want = resumed.delta_state("default"), ref.delta_state("default")
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in got)
+
+
+def test_the_penalty_is_added_once_and_a_projected_delta_trains_plainly(tmp_path):
+    once = dp.with_l0_penalty()
+    assert dp.with_l0_penalty(once) is once
+    model = dt.attach(bert(), dt.DiffPruningConfig(density=0.05))
+    assert [p.name for p in model.configs["default"].training_phases(model, "default")] == ["relaxed_l0", "fixed_mask"]
+    dp.project(model)
+    assert model.configs["default"].training_phases(model, "default") is None
+    assert dt.DiffPruningConfig(project_at=1.0).training_phases(dt.attach(bert(), dt.DiffPruningConfig()), "default")
+    with pytest.raises(dt.ConfigError, match="project_at"):
+        dt.DiffPruningConfig(project_at=0.0)
+
+
+def test_a_run_config_with_only_method_and_density_just_works(tmp_path):
+    """`delta: {method: diff_pruning, density: 0.05}` in a run YAML: `deltatune train` ends with an exactly
+    sparse delta, saved as indices + values."""
+    from deltatune import recipes
+    from deltatune.config_file import load_run_config
+    from safetensors.torch import load_file
+    cfg = load_run_config(raw={
+        "output_dir": str(tmp_path), "model": {"path": "minilm", "tiny": True},
+        "delta": {"method": "diff_pruning", "density": 0.05},
+        "data": {"source": "sms_spam", "max_train": 32, "max_eval": 16}, "task": {"type": "classification",
+                                                                                 "max_length": 16},
+        "train": {"max_steps": 4, "batch_size": 8, "progress": False, "tensorboard": False, "plot": False}})
+    results = recipes.run(cfg)
+    assert [p["phase"] for p in results["fit"]["phases"]] == ["relaxed_l0", "fixed_mask"]
+    saved = load_file(f"{results['delta']}/adapter_model.safetensors")
+    values = {k: v for k, v in saved.items() if k.endswith(".values")}
+    indices = {k: v for k, v in saved.items() if k.endswith(".indices")}
+    assert values and len(values) == len(indices) and not any(k.endswith((".diff", ".gate")) for k in saved)
+    model = dt.DeltaModel.from_pretrained(recipes.common.build_base(cfg, cfg.task, recipes.common.load_tokenizer(
+        cfg.model.path), labels=["ham", "spam"]), results["delta"])
+    pieces = [p for p in model.pieces_of("default").values() if isinstance(p, dp.DiffLinear)]
+    assert sum(p.values.numel() for p in pieces) == round(0.05 * sum(p.numel for p in pieces))

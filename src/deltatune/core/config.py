@@ -4,10 +4,22 @@ from __future__ import annotations
 
 import abc
 import dataclasses
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar
 
 from .errors import ConfigError, did_you_mean
 from .typed import construct, field_value
+
+
+@dataclasses.dataclass
+class TrainingPhase:
+    """One phase of a method that trains in steps (`DeltaConfig.training_phases`): its share of the
+    run's optimizer steps, its own peak learning rate (None: the run's), how it changes the loss
+    (`loss(loss_fn) -> loss_fn`) and what it does to the model when it ends (`after(model)`)."""
+    name: str
+    share: float
+    lr: float | None = None
+    loss: Callable | None = None
+    after: Callable | None = None
 
 
 @dataclasses.dataclass
@@ -47,6 +59,11 @@ class DeltaConfig:
                     f"Valid options: {', '.join(sorted(fields))}.")
         kwargs = {k: field_value(cls, fields[k], v, f"{base}.{k}") for k, v in d.items()}
         return construct(cls, kwargs, base)
+
+    def training_phases(self, model, name: str) -> list[TrainingPhase] | None:
+        """The phases the Trainer runs delta `name` of `model` in, one after the other (diff pruning: a
+        relaxed-L0 phase, a projection, a fixed-mask phase); None: one plain run."""
+        return None
 
     def frozen_deltas(self) -> list[str]:
         """Attached deltas this one trains on top of (AdapterFusion's adapters): `add_delta`

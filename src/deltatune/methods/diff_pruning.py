@@ -15,6 +15,11 @@ projected piece holds only indices + values, and is saved that way: at 0.5 %
 density the file is about 1 % of the dense delta's size.
 
     model = dt.attach(base, dt.DiffPruningConfig(density=0.005))
+    Trainer(model, cfg, data).fit()     # runs the three steps itself (phases=True, the default):
+    # 1. relaxed L0 (with_l0_penalty) for project_at of the steps; 2. project to exactly `density`;
+    # 3. the rest of the steps with the mask fixed, at fixed_lr
+
+By hand (phases=False):
     Trainer(model, cfg, data, loss_fn=with_l0_penalty()).fit()   # 1. relaxed L0
     project(model)                                               # 2. exact sparsity
     Trainer(model, cfg2, data).fit()                             # 3. optional, mask fixed
@@ -37,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..core.config import DeltaConfig
+from ..core.config import DeltaConfig, TrainingPhase
 from ..core.errors import ConfigError, IncompatibleDeltaError
 from ..core.model import default_loss
 from ..core.pieces import AddsToOutput, DeltaPiece
@@ -68,6 +73,14 @@ class DiffPruningConfig(DeltaConfig):
     temperature: float = field(default=1.0, metadata={"help": "hard-concrete temperature beta"})
     stretch: list[float] = field(default_factory=lambda: [-1.5, 1.5], metadata={
         "help": "hard-concrete stretch interval (l, r), l < 0 < 1 < r"})
+    phases: bool = field(default=True, metadata={
+        "help": "Trainer.fit() runs the three steps itself: relaxed L0, projection, fixed mask (False: fit() only "
+                "trains; add with_l0_penalty() and call project() yourself)"})
+    project_at: float = field(default=0.5, metadata={
+        "help": "share of the training steps under the relaxed L0 penalty before the projection; the rest train "
+                "the kept entries with the mask fixed (1.0: project at the end)"})
+    fixed_lr: float = field(default=1e-2, metadata={
+        "help": "peak learning rate of the fixed-mask phase (the kept values; measured: docs/diff_pruning.md)"})
 
     def __post_init__(self):
         if not 0.0 < self.density <= 1.0:
@@ -78,6 +91,20 @@ class DiffPruningConfig(DeltaConfig):
             raise ConfigError(f"DiffPruningConfig stretch must be (l, r) with l < 0 and r > 1, got {self.stretch}.")
         if self.temperature <= 0 or self.gate_scale <= 0:
             raise ConfigError("DiffPruningConfig temperature and gate_scale must be > 0.")
+        if not 0.0 < self.project_at <= 1.0 or not self.fixed_lr > 0:
+            raise ConfigError(f"DiffPruningConfig needs 0 < project_at <= 1 and fixed_lr > 0, got {self.project_at} "
+                              f"and {self.fixed_lr}.")
+
+    def training_phases(self, model, name):
+        """Relaxed L0 then projection, then the fixed mask; nothing when phases=False or the delta is
+        projected already (a loaded sparse delta trains its kept values plainly)."""
+        pieces = [p for p in model.pieces_of(name).values() if isinstance(p, DiffLinear)]
+        if not self.phases or not pieces or all(p.projected for p in pieces):
+            return None
+        relaxed = TrainingPhase("relaxed_l0", self.project_at, loss=lambda fn: with_l0_penalty(fn, [name]),
+                                after=lambda m: project(m, name))
+        return [relaxed] if self.project_at >= 1.0 else [
+            relaxed, TrainingPhase("fixed_mask", 1.0 - self.project_at, lr=self.fixed_lr)]
 
 
 class DiffLinear(AddsToOutput):
@@ -261,10 +288,13 @@ def with_l0_penalty(loss_fn=None, names=None):
 
     Trainer(model, cfg, data, loss_fn=with_l0_penalty())"""
     loss_fn = loss_fn or default_loss
+    if getattr(loss_fn, "adds_l0_penalty", False):  # already has it (a phase wrapping the user's own)
+        return loss_fn
 
     def loss(model, batch):
         plain = getattr(model, "module", model)  # DDP wraps the DeltaModel
         return loss_fn(model, batch) + l0_penalty(plain, names).to(next(plain.parameters()).device)
+    loss.adds_l0_penalty = True
     return loss
 
 

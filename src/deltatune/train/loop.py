@@ -86,6 +86,7 @@ class Trainer:
         self._best_state: dict | None = None  # the best delta's tensors (CPU), put back at the end (load_best_at_end)
         self._run_log: RunLog | None = None
         self._stop: StopRequest | None = None
+        self.phase: str | None = None  # the phase this Trainer runs, when a method trains in phases
 
     @property
     def is_main(self) -> bool:
@@ -149,6 +150,9 @@ class Trainer:
     def fit(self) -> dict:
         from accelerate.utils import set_seed
 
+        phases = None if self.phase is not None else self._phases()
+        if phases:
+            return self._fit_in_phases(phases)
         c, acc = self.config, self.accelerator
         sharded.check_launch(acc, self.model)
         if len(self.train_data) == 0:
@@ -187,6 +191,49 @@ class Trainer:
                 "train_seconds": round(state["train_seconds"], 2),
                 "stopped_early": state["stopped_early"], "selected_step": selected,
                 **{f"best_{k}": v for k, v in (state["best_metrics"] or {}).items()}}
+
+    # -- methods that train in phases (DeltaConfig.training_phases) ------------------
+    def _phases(self):
+        configs = getattr(self.model, "configs", None) or {}
+        found = [(n, phases) for n in configs if any(p.requires_grad for p in self.model.delta_parameters(n))
+                 for phases in [configs[n].training_phases(self.model, n)] if phases]
+        if len(found) > 1:
+            raise ConfigError(f"Deltas {[n for n, _ in found]} each train in phases of their own; train them in "
+                              "separate runs (or freeze all but one: model.set_trainable(name, False)).")
+        return found[0][1] if found else None
+
+    def _fit_in_phases(self, phases) -> dict:
+        """Each phase as a run of its own in output_dir/phase-K-NAME (resumable like any run), with its share
+        of the steps, its learning rate and loss; its `after` acts on the model before the next starts. A
+        resumed run finishes (or reloads) the earlier phases first, so `after` sees the same model again."""
+        total, offset, results, history = self.total_steps(), 0, [], []
+        plan = []
+        for k, phase in enumerate(phases):
+            last = k == len(phases) - 1
+            steps = total - sum(s for _, s, _ in plan) if last else max(1, round(phase.share * total))
+            plan.append((phase, steps, phase.lr if phase.lr is not None else self.lr))
+        if self.config.progress and self.is_main:
+            shown = ", ".join(f"{p.name} ({s} steps, lr {lr:g})" for p, s, lr in plan)
+            print(f"deltatune: training in phases: {shown}", file=sys.stderr)
+        for k, (phase, steps, lr) in enumerate(plan):
+            config = dataclasses.replace(self.config, output_dir=str(self.out / f"phase-{k + 1}-{phase.name}"),
+                                         max_steps=steps, lr=lr)
+            loss_fn = phase.loss(self.loss_fn) if phase.loss else self.loss_fn
+            sub = Trainer(self.model, config, self.train_data, self.eval_data, self.collate_fn, loss_fn,
+                          self.eval_fn, self.callbacks)
+            sub.phase = phase.name  # trains plainly (no phases of its own)
+            result = sub.fit()
+            if phase.after is not None:
+                phase.after(self.model)
+            history += [dict(r, phase=phase.name, **({"step": r["step"] + offset} if "step" in r else {}))
+                        for r in sub.history]
+            results.append(dict(result, phase=phase.name))
+            offset += result["steps"]
+        self.history = history
+        last = results[-1]
+        seconds = round(sum(r["train_seconds"] for r in results), 2)
+        return {**last, "steps": offset, "lr": self.lr, "train_seconds": seconds,
+                "selected_step": last["selected_step"] + offset - last["steps"], "phases": results}
 
     def _train_epoch(self, state, model, opt, sched, steps) -> None:
         c, acc = self.config, self.accelerator
