@@ -272,8 +272,18 @@ def test_save_load_round_trip_parallel_with_taps(tmp_path):
     model.save_pretrained(tmp_path)
     loaded = dt.DeltaModel.from_pretrained(bert(), tmp_path)
     torch.testing.assert_close(logits(loaded, b), want)
-    assert all(isinstance(p, (AdapterPiece, InputTap, OutputTap)) or "classifier" in k
-               for k, p in loaded.pieces_of("default").items())
+    heads = {k for k, p in loaded.pieces_of("default").items() if not isinstance(p, (AdapterPiece, InputTap, OutputTap))}
+    assert heads == {"classifier", "bert.pooler"}  # the new head and, for adapters, BERT's pooler (head_extras)
+
+
+def test_adapters_train_berts_pooler_with_the_head_unless_told_otherwise():
+    model = dt.attach(bert(), dt.AdapterConfig(kind="pfeiffer"))
+    assert {"classifier", "bert.pooler"} <= set(model.pieces_of("default"))
+    assert any(n.startswith("bert.pooler") and p.requires_grad for n, p in model.base_model.named_parameters())
+    chosen = dt.attach(bert(), dt.AdapterConfig(kind="pfeiffer", modules_to_save=["classifier"]))
+    assert "bert.pooler" not in chosen.pieces_of("default")
+    lora = dt.attach(bert(), dt.LoRAConfig(r=2))  # other methods: the new head only
+    assert "bert.pooler" not in lora.pieces_of("default")
 
 
 # -- MAM -------------------------------------------------------------------------------

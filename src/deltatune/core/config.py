@@ -34,6 +34,9 @@ class DeltaConfig:
     # the peak learning rate a run uses when none is set (train/config.py resolve_lr): the rate this method
     # learned at on all-MiniLM-L6-v2 + SMS spam in one epoch (docs/results.md), or the paper's where not measured
     recommended_lr: ClassVar[float] = 1e-3
+    # pretrained modules of a *ForSequenceClassification-style model that train with the new head when
+    # modules_to_save is left unset (core/heads.py): the rest of the head this method needs to learn
+    head_extras: ClassVar[tuple[str, ...]] = ()
 
     modules_to_save: list[str] | None = dataclasses.field(
         default=None, metadata={"help": "extra modules (e.g. a new classification head) trained and saved whole"})

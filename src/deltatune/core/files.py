@@ -47,7 +47,7 @@ def file_config(model, name: str) -> dict:
         d["task_type"] = peft_task_type(model.base_model)
     if "peft_type" in d and d.get("modules_to_save") is None and cfg.modules_to_save is None:
         pieces = model.pieces_of(name)
-        heads = [h for h in default_heads(model.base_model) if isinstance(pieces.get(h), TrainableCopy)]
+        heads = [h for h in default_heads(model.base_model, cfg) if isinstance(pieces.get(h), TrainableCopy)]
         d["modules_to_save"] = heads or None
     if d.get("layers_to_transform") is not None:
         d = _peft_readable_layers(d, model.pieces_of(name))
@@ -163,7 +163,7 @@ def load_tensors(model, name: str, tensors: dict, source, task_type: str | None 
 def _untrained_head(model, name: str, path: str, piece) -> bool:
     """A default task head (modules_to_save left None) that a file has no weights for."""
     return (isinstance(piece, TrainableCopy) and model.configs[name].modules_to_save is None
-            and path in default_heads(model.base_model))
+            and path in default_heads(model.base_model, model.configs[name]))
 
 
 def _check_head_left_out(model, path: str, source, task: str | None) -> None:

@@ -4,15 +4,21 @@ from __future__ import annotations
 
 from torch import nn
 
+from .targets import named_base_modules
+
 _HEADED = ("ForSequenceClassification", "ForTokenClassification", "ForQuestionAnswering", "ForMultipleChoice")
 
 
-def default_heads(model: nn.Module) -> list[str]:
+def default_heads(model: nn.Module, config=None) -> list[str]:
     """The freshly initialised task head of a *ForSequenceClassification-style model,
-    trained and saved with every delta unless modules_to_save says otherwise (PEFT's task_type)."""
+    trained and saved with every delta unless modules_to_save says otherwise (PEFT's task_type);
+    plus, for a method that needs them (`config.head_extras`), those pretrained modules of such a model
+    (adapters: BERT's pooler, without which their signal reaches the classifier only through a frozen layer)."""
     if not type(model).__name__.endswith(_HEADED):
         return []
-    return [n for n in ("classifier", "score", "qa_outputs") if hasattr(model, n)]
+    heads = [n for n in ("classifier", "score", "qa_outputs") if hasattr(model, n)]
+    extras = getattr(config, "head_extras", ())
+    return heads + [path for path, _ in named_base_modules(model) if path and path.rpartition(".")[2] in extras]
 
 
 def peft_task_type(model) -> str:

@@ -161,6 +161,13 @@ class MixedBatch:
                               "backward, after this call has put the active deltas back, so they would compute "
                               "other gradients. Disable it (model.gradient_checkpointing_disable()) to train on "
                               "mixed batches.")
+        changed = sorted({n for layer in self.layers for n, p in layer.deltas.items() if p.changes_base})
+        if changed:
+            raise ConfigError(f"Delta {changed[0]!r} replaced base weights by their residual when it was attached "
+                              "(LoRA init 'pissa' or 'olora'), so in a mixed batch "
+                              "every other sample would run on a changed base model. Run it in calls of its own "
+                              "(model.set_active(...)), or write it as a plain LoRA on the original base "
+                              "(dt.save_as_plain_lora) and load that on an unchanged model to mix it.")
         merged = sorted({n for layer in self.layers for n in layer.merged})
         if merged:
             among = [n for n in merged if n in self.slot]

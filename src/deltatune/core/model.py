@@ -73,7 +73,7 @@ class DeltaModel(nn.Module):
         finally:
             self._set_enabled(enabled)
         where = dict(named_base_modules(self.base_model, wrapped=True))  # {base path: module or its wrapper}
-        heads = default_heads(self.base_model) if config.modules_to_save is None else config.modules_to_save
+        heads = default_heads(self.base_model, config) if config.modules_to_save is None else config.modules_to_save
         if heads:  # like PEFT, a listed name may be absent (["classifier", "score"]) but not all of them
             for path in find_targets(self.base_model, list(heads), types=None):
                 if not any(path == q or path.startswith(q + ".") for q in pieces if q):
@@ -130,6 +130,7 @@ class DeltaModel(nn.Module):
         self.unmerge([name])
         for path, layer in list(self.delta_layers()):
             if name in layer.deltas:
+                layer.deltas[name].restore_base(layer.base_layer)  # a PiSSA/OLoRA LoRA gives the weight back
                 del layer.deltas[name]
             if not len(layer.deltas):  # put the original module back
                 self._put(path, layer.base_layer)
@@ -168,20 +169,38 @@ class DeltaModel(nn.Module):
 
     @contextlib.contextmanager
     def disabled(self):
-        """Base-model behaviour inside the block (merged deltas are unmerged for it)."""
+        """Base-model behaviour inside the block: merged deltas are unmerged for it, and weights a delta
+        changed when attached (a PiSSA/OLoRA residual) are the original ones, the changed values kept
+        on the CPU and put back bit for bit when the block ends."""
         merged = {path: (list(layer.merged), bool(layer.originals)) for path, layer in self.delta_layers()}
         self._set_enabled(False)
         for path, layer in self.delta_layers():
             for n in list(layer.merged):
                 layer.unmerge(n)
+        changed = self._restore_changed_bases()
         try:
             yield self
         finally:
+            with torch.no_grad():
+                for param, data in changed:
+                    param.data.copy_(data)
             self._set_enabled(True)
             for path, layer in self.delta_layers():
                 names, exact = merged.get(path, ([], False))
                 for n in names:
                     layer.merge(n, exact=exact)
+
+    def _restore_changed_bases(self) -> list:
+        """Give base layers whose weights a piece changed at attach time (`changes_base`) their
+        original weights; returns [(parameter, its changed value on the CPU)] to put back."""
+        kept = []
+        for _, layer in self.delta_layers():
+            changers = [p for p in layer.deltas.values() if p.changes_base]
+            if changers:
+                kept += [(p, p.data.to("cpu", copy=True)) for p in layer.base_layer.parameters(recurse=False)]
+                for piece in changers:
+                    piece.restore_base(layer.base_layer)
+        return kept
 
     def _set_enabled(self, flag: bool) -> None:
         self._enabled = flag

@@ -37,6 +37,14 @@ class DeltaPiece(nn.Module, abc.ABC):
     # does nothing when its module is handed a key/value cache, whose entries already carry its effect
     # (a prefix's attention piece): decoding steps that continue from such a cache skip it (core/mixed.py)
     inert_with_cache: ClassVar[bool] = False
+    # building this piece rewrote its base module's weights (a PiSSA / OLoRA LoRA leaves the residual
+    # W - s B0 A0 there): other deltas see the changed base, so mixed-delta batches refuse it
+    # (core/mixed.py); delete_delta and model.disabled() call restore_base() to give the base back
+    changes_base: bool = False
+
+    def restore_base(self, base_layer) -> None:
+        """Undo what building this piece did to `base_layer`'s weights (nothing by default); called once
+        the piece is unmerged, by delete_delta and, for the block, by model.disabled()."""
 
     def merge_deltas(self, base_layer) -> dict[str, torch.Tensor]:
         """{parameter name of base_layer: tensor to add} for merging."""

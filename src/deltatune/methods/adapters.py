@@ -54,6 +54,9 @@ KINDS = {"houlsby": "both", "pfeiffer": "ffn", "parallel": "ffn"}  # kind -> def
 
 @dataclass
 class AdapterConfig(DeltaConfig):
+    # BERT's pooler trains with the new classifier (AdapterHub's two-layer head): frozen, it kept Houlsby adapters
+    # on all-MiniLM-L6-v2 + SMS spam at the majority class for 2 epochs (docs/adapters.md)
+    head_extras = ("pooler",)
     kind: str = field(default="houlsby", metadata={
         "help": "houlsby (serial, attention + FFN) | pfeiffer (serial, FFN only) | parallel (He et al. 2021)"})
     reduction_factor: float = field(default=16, metadata={"help": "bottleneck = hidden size / reduction_factor"})

@@ -20,6 +20,9 @@ from . import adapters, prefix
 @dataclass
 class MAMConfig(DeltaConfig):
     recommended_lr = 3e-4  # MiniLM + SMS spam: 1e-3 collapsed to the majority class, 3e-4 learned (docs/adapters.md)
+    # BERT's pooler trains with the new classifier (AdapterHub's two-layer head): frozen, it kept Houlsby adapters
+    # on all-MiniLM-L6-v2 + SMS spam at the majority class for 2 epochs (docs/adapters.md)
+    head_extras = ("pooler",)
     prefix_length: int = field(default=30, metadata={"help": "prefix vectors per attention layer (l)"})
     prefix_reparam: bool = field(default=True, metadata={
         "help": "train the prefix through an MLP (Li & Liang); only the resulting prefix is saved"})
