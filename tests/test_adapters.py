@@ -328,3 +328,17 @@ def test_mam_config_validates_both_halves():
         dt.MAMConfig(prefix_length=0)
     with pytest.raises(dt.ConfigError, match="bottleneck"):
         dt.MAMConfig(bottleneck=0)
+
+
+def test_an_adapter_file_saved_without_the_pooler_still_loads(tmp_path, monkeypatch):
+    """Files saved before adapters trained the pooler by default: the pooler keeps the base model's weights."""
+    from deltatune.methods.adapters import AdapterConfig
+    monkeypatch.setattr(AdapterConfig, "head_extras", ())
+    old = dt.attach(bert(), dt.AdapterConfig(kind="pfeiffer"))
+    perturb(old, "default")
+    old.save_pretrained(tmp_path)
+    want = logits(old, batch("bert"))
+    monkeypatch.undo()
+    with pytest.warns(UserWarning, match="bert.pooler"):
+        loaded = dt.DeltaModel.from_pretrained(bert(), tmp_path)
+    torch.testing.assert_close(logits(loaded, batch("bert")), want)
