@@ -9,7 +9,7 @@ from transformers import BertConfig, BertForSequenceClassification
 import deltatune as dt
 from deltatune.core.errors import ConfigError
 from deltatune.methods import diff_pruning as dp
-from tiny import batch, bert, llama, logits
+from tiny import Stop, batch, bert, llama, logits, stop_at
 
 
 def _train_like(model, seed=0):
@@ -267,13 +267,7 @@ def test_fit_runs_relaxed_l0_projection_and_fixed_mask_as_by_hand(tmp_path):
 
 
 def test_a_run_interrupted_in_the_fixed_mask_phase_resumes_exactly(tmp_path):
-    class Stop(Exception):
-        pass
-
-    def stop(trainer, step):  # callbacks count each phase's own steps
-        if trainer.out.name.startswith("phase-2") and step == 2:
-            raise Stop
-
+    stop = stop_at(2, where=lambda trainer: trainer.out.name.startswith("phase-2"))  # each phase counts its steps
     ref, _, _ = _phased(tmp_path / "ref", checkpoint_every=1)
     with pytest.raises(Stop):
         _phased(tmp_path / "run", callbacks=[stop], checkpoint_every=1)

@@ -6,7 +6,7 @@ from torch import nn
 import deltatune as dt
 from deltatune.core.errors import ConfigError
 from deltatune.prune import Pruner, clean_path, cubic_sparsity
-from tiny import VOCAB, bert, gpt2
+from tiny import VOCAB, Stateless, Stop, bert, gpt2, stop_at
 
 
 def test_cubic_schedule_formula():
@@ -103,24 +103,6 @@ def test_frozen_weights_name_the_fix():
         Pruner(_full_bert(), structure="blocks", block=(5, 5))
 
 
-class _Stop(Exception):
-    pass
-
-
-def _stop_at_3(trainer, step):
-    if step == 3:
-        raise _Stop
-
-
-class _Stateless:
-    """A Pruner whose state the Trainer cannot see (no state_dict)."""
-    def __init__(self, pruner):
-        self.pruner = pruner
-
-    def __call__(self, trainer, step):
-        self.pruner(trainer, step)
-
-
 def _prune_run(out, callbacks=(), stateless=False, **kw):
     """Full fine-tuning of tiny BERT with movement pruning: 2 epochs of 4 steps, a checkpoint every 2."""
     torch.manual_seed(0)
@@ -131,7 +113,7 @@ def _prune_run(out, callbacks=(), stateless=False, **kw):
              "labels": i % 2} for i in range(16)]
     cfg = dt.train.TrainConfig(output_dir=str(out), epochs=2, batch_size=4, lr=1e-3, progress=False,
                                tensorboard=False, plot=False, warmup_ratio=0.0, checkpoint_every=2, **kw)
-    cb = _Stateless(pruner) if stateless else pruner
+    cb = Stateless(pruner) if stateless else pruner
     dt.train.Trainer(model, cfg, data, collate_fn=dt.data.Collator(0), callbacks=[cb, *callbacks]).fit()
     return model, pruner
 
@@ -141,8 +123,8 @@ def test_interrupted_pruning_run_resumes_exactly(tmp_path):
     movement scores, masks and weights end as in the uninterrupted run (the Trainer checkpoints
     the Pruner's state_dict). Without that state the resumed run differs."""
     ref_model, ref = _prune_run(tmp_path / "ref")
-    with pytest.raises(_Stop):
-        _prune_run(tmp_path / "run", [_stop_at_3])
+    with pytest.raises(Stop):
+        _prune_run(tmp_path / "run", [stop_at(3)])
     model, resumed = _prune_run(tmp_path / "run", resume=True)
     assert resumed.step == ref.step == 8 and resumed.report() == ref.report()
     assert ref.report()["overall"] == pytest.approx(0.75)
@@ -154,8 +136,8 @@ def test_interrupted_pruning_run_resumes_exactly(tmp_path):
     assert all(torch.equal(state[k], v) for k, v in ref_state.items())
     # the same interruption, but the Trainer cannot checkpoint the Pruner: the movement scores of
     # steps 1-2 are lost and the masks come out different
-    with pytest.raises(_Stop):
-        _prune_run(tmp_path / "lost", [_stop_at_3], stateless=True)
+    with pytest.raises(Stop):
+        _prune_run(tmp_path / "lost", [stop_at(3)], stateless=True)
     _, lost = _prune_run(tmp_path / "lost", stateless=True, resume=True)
     assert any(not torch.equal(lost.masks[p], ref.masks[p]) for p in ref.layers)
 

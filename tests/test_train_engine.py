@@ -21,7 +21,7 @@ from deltatune.train.batches import local_batches
 from deltatune.train.loop import evaluate_classification
 from deltatune.train.precision import Precision, make_precision
 from contract_cases import CASES
-from tiny import bert, llama
+from tiny import Stop, bert, llama, stop_at
 from train_engine_job import main as run_job, make_data, make_model
 
 HERE = Path(__file__).parent
@@ -197,13 +197,6 @@ def test_best_delta_is_put_back_at_the_end_and_survives_a_resume(tmp_path):
 def test_interrupted_run_resumes_exactly_for_other_methods(tmp_path, case):
     """Stopped by an exception after step 3 (checkpoint at 2), resumed in a fresh model: the same
     final state as an uninterrupted run, for deltas with dropout, soft prompts, stochastic gates."""
-    class Stop(Exception):
-        pass
-
-    def stop_at_3(trainer, step):
-        if step == 3:
-            raise Stop
-
     def run(name, callbacks=(), **kw):
         torch.manual_seed(0)
         model = dt.attach(bert(), CASES[case]["make"]())
@@ -213,7 +206,7 @@ def test_interrupted_run_resumes_exactly_for_other_methods(tmp_path, case):
 
     ref = run("ref")
     with pytest.raises(Stop):
-        run("run", callbacks=[stop_at_3])
+        run("run", callbacks=[stop_at(3)])
     resumed = run("run", resume=True)
     _assert_equal_deltas(resumed.state_dict(), ref.state_dict())
     start = dict(dt.attach(bert(), CASES[case]["make"]()).state_dict())

@@ -110,3 +110,26 @@ def check_mixed_rows(model, b, names, atol=1e-5):
     assert model.active == before
     assert all(layer.active == before for _, layer in model.delta_layers())  # restored after the call
     return got
+
+
+# -- interrupted runs ---------------------------------------------------------------------------------
+class Stop(Exception):
+    """Raised by a `stop_at` callback: the run dies after that step, as if its process were killed."""
+
+
+def stop_at(n, where=None):
+    """A Trainer callback raising Stop after optimizer step n (of the Trainer `where(trainer)` accepts)."""
+    def callback(trainer, step):
+        if step == n and (where is None or where(trainer)):
+            raise Stop
+    return callback
+
+
+class Stateless:
+    """A callback whose state the Trainer cannot see (no state_dict): a resumed run starts it afresh."""
+
+    def __init__(self, callback):
+        self.callback = callback
+
+    def __call__(self, trainer, step):
+        self.callback(trainer, step)
