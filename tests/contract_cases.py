@@ -63,4 +63,16 @@ CASES = {
     "oft_shared_embed": dict(make=lambda: dt.OFTConfig(r=4, block_size=0, block_share=True,
                                                        targets=r".*(embed_tokens|word_embeddings|q_proj|query)"),
                              identity_at_init=True, mergeable=True, archs=["llama", "llama_cls", "bert"]),
+    # AdaLoRA: SVD-form LoRA (E zero at init); with dropout on query/value-like modules
+    "adalora": dict(make=lambda: dt.AdaLoRAConfig(init_r=4, target_r=2), identity_at_init=True, mergeable=True),
+    "adalora_dropout": dict(make=lambda: dt.AdaLoRAConfig(init_r=3, target_r=1, alpha=4, dropout=0.1,
+                                                          targets=r".*(q_proj|c_attn|query|\.q|v_proj|value|\.v)"),
+                            identity_at_init=True, mergeable=True),
+    # LoRA inits (docs/lora_init.md): PiSSA and OLoRA replace the base weight by a residual (disabled() gives
+    # the original back); EVA as attached, before dt.init_eva sets A from data
+    "lora_pissa": dict(make=lambda: dt.LoRAConfig(r=4, alpha=8, init="pissa"), identity_at_init=True, mergeable=True),
+    "lora_olora_qv": dict(make=lambda: dt.LoRAConfig(r=4, init="olora",
+                                                     targets=r".*(q_proj|c_attn|query|\.q|v_proj|value|\.v)"),
+                          identity_at_init=True, mergeable=True),
+    "lora_eva": dict(make=lambda: dt.LoRAConfig(r=4, init="eva"), identity_at_init=True, mergeable=True),
 }

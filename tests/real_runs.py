@@ -136,20 +136,25 @@ def run_surgery(out, kind="remove", k=2, lr=1e-3):
 
 
 # -- one delta on SMS spam: the runner of the methods' slow real-data tests -------------------------
-def sms_run(make, lr, score=True, head=("classifier",), n_train=N_TRAIN, epochs=1, max_length=MAX_LEN, seed=0):
+def sms_run(make, lr, score=True, head=("classifier",), prepare=None, n_train=N_TRAIN, epochs=1,
+            max_length=MAX_LEN, seed=0):
     """Train the delta `make()` on all-MiniLM-L6-v2 with 1,500 SMS spam messages for one epoch, then score
     the test split once (no evaluation data during training: nothing is selected on it). score=False
     reports only the training loss, which is how learning rates are chosen, blind to the test split.
-    `head`: the modules counted as the task head, not the delta, in the saved share."""
+    `head`: the modules counted as the task head, not the delta, in the saved share. `prepare(delta,
+    train_features, collate)`: a method's own set-up before training (EVA's pass over data), returning
+    the Trainer's extra arguments (callbacks, loss_fn) or None."""
     torch.manual_seed(seed)
     model, tok = load_minilm_classifier()
     train, test = dt.data.sms_spam()
     train_f = dt.data.tokenize_classification(tok, train[:n_train], max_length=max_length)
     delta = dt.attach(model, make())
+    collate = dt.data.Collator(tok.pad_token_id)
+    start = time.time()
+    extra = (prepare(delta, train_f, collate) if prepare else None) or {}
     cfg = dt.train.TrainConfig(output_dir="unused", epochs=epochs, lr=lr, batch_size=32, progress=False, save=False,
                                eval_every_epoch=False, seed=seed, tensorboard=False, plot=False, log_every=1)
-    trainer = dt.train.Trainer(delta, cfg, train_f, collate_fn=dt.data.Collator(tok.pad_token_id))
-    start = time.time()
+    trainer = dt.train.Trainer(delta, cfg, train_f, collate_fn=collate, **extra)
     result = trainer.fit()
     if not score:
         return {"lr": lr, "final_train_loss": last_losses(trainer), "train_seconds": round(time.time() - start, 1)}

@@ -120,3 +120,17 @@ def test_the_example_comparison_runs_on_a_tiny_model(tmp_path):
     result = compare(comp, only=["head_only", "ia3"], log=lambda _: None)
     assert [r["method"] for r in result["rows"]] == ["head_only", "ia3"]
     assert [r["lr"] for r in result["rows"]] == [0.1, 3e-2]  # the methods' recommended rates (no lr set)
+
+
+def test_the_command_line_runs_a_comparison_and_names_bad_configs(tmp_path, capsys):
+    import yaml
+
+    from deltatune.cli import main
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(_config(tmp_path / "out", seeds=[0], methods={"lora": {"method": "lora", "r": 2}})))
+    assert main(["compare", str(path), "train.max_steps=1", "--only", "lora"]) == 0
+    out = capsys.readouterr().out
+    assert "[1/1] lora seed 0: running" in out and "| lora |" in out
+    assert (tmp_path / "out" / "results.md").exists()
+    assert main(["compare", str(path), "seeds=[1, 1]"]) == 2
+    assert "seeds repeat" in capsys.readouterr().err

@@ -41,11 +41,12 @@ def test_pyproject_keeps_optional_packages_in_extras():
     tomllib = pytest.importorskip("tomllib")
     project = tomllib.loads((SRC.parent / "pyproject.toml").read_text())["project"]
     required = " ".join(project["dependencies"])
-    for package in ("matplotlib", "sacrebleu", "faiss", "tensorboard", "datasets", "fastapi", "uvicorn", "prometheus"):
+    for package in ("matplotlib", "sacrebleu", "faiss", "tensorboard", "datasets", "fastapi", "uvicorn", "prometheus",
+                    "bitsandbytes"):
         assert package not in required
     extras = project["optional-dependencies"]
-    assert {"data", "plots", "recipes", "serve", "all", "real", "test"} <= set(extras)
-    assert extras["all"] == ["deltatune[data,plots,recipes,serve]"]
+    assert {"data", "plots", "recipes", "serve", "quant", "all", "real", "test"} <= set(extras)
+    assert extras["all"] == ["deltatune[data,plots,recipes,serve,quant]"]
 
 
 def test_serve_without_fastapi_names_the_serve_extra(monkeypatch):

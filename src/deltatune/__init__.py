@@ -9,10 +9,12 @@ from .core.errors import (ConfigError, CorruptFileError, DeltaError, Incompatibl
 from .core.layer import DeltaLayer
 from .core.model import DeltaModel, attach
 from .core.pieces import AddsToOutput, ChangesInputs, ComputesOutput, DeltaPiece, ModelPiece
+from .core.quantized import dequantize
 from .core.registry import config_from_dict, method_names, register
 from . import methods  # noqa: F401  (registers the built-in methods)
 from .methods.bitfit import BitFitConfig
 from .methods.lora import LoRAConfig
+from .methods.lora_init import init_eva, save_as_plain_lora
 from .methods.partial import FullConfig, PartialConfig
 from .methods.adapters import AdapterConfig, FusionConfig
 from .methods.mam import MAMConfig
@@ -28,8 +30,10 @@ from .methods.loha import LoHaConfig
 from .methods.lokr import LoKrConfig
 from .methods.oft import OFTConfig
 from .methods.vera import VeRAConfig
+from .methods.adalora import AdaLoRAConfig
 from .compose import Average, Fuse, Stack
 from .ensembles import EMA, Ensemble, Snapshots, average_deltas, copy_delta
+from .arithmetic import combine, extract_lora, task_vector, to_lora
 from . import data, train  # noqa: E402  (dt.data.sms_spam, dt.train.Trainer)
 
 __version__ = "0.1.0"
@@ -37,7 +41,8 @@ __version__ = "0.1.0"
 __all__ = [
     "attach", "DeltaModel", "DeltaConfig", "config_from_dict", "register", "method_names",
     "DeltaLayer", "DeltaPiece", "AddsToOutput", "ComputesOutput", "ChangesInputs", "ModelPiece", "PeftConvertible",
-    "LoRAConfig", "BitFitConfig", "PartialConfig", "FullConfig",
+    "LoRAConfig", "BitFitConfig", "PartialConfig", "FullConfig", "dequantize",
+    "init_eva", "save_as_plain_lora",
     "AdapterConfig", "FusionConfig", "MAMConfig", "Stack", "Fuse", "Average", "average_deltas", "copy_delta", "EMA",
     "Snapshots", "Ensemble",
     "PromptTuningConfig", "PTuningConfig", "PrefixConfig", "PTuningV2Config", "MultiTaskPrompt",
@@ -45,6 +50,8 @@ __all__ = [
     "IA3Config", "LNTuningConfig",
     "LoHaConfig", "LoKrConfig",
     "VeRAConfig", "OFTConfig",
+    "AdaLoRAConfig",
     "DeltaError", "ConfigError", "CorruptFileError", "IncompatibleDeltaError", "TargetNotFoundError",
     "UnknownMethodError",
+    "combine", "task_vector", "extract_lora", "to_lora",
 ]

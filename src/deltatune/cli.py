@@ -70,6 +70,13 @@ def _eval(args) -> int:
     return 0
 
 
+def _compare(args) -> int:
+    from .compare import compare
+
+    compare(args.config, args.overrides, only=args.only)
+    return 0
+
+
 def _serve(args) -> int:
     import os
 
@@ -80,6 +87,71 @@ def _serve(args) -> int:
                  max_resident=args.max_resident, merge_single=args.merge_single, max_tokens_cap=args.max_tokens_cap,
                  max_context=args.max_context, api_key=args.api_key or os.environ.get("DELTATUNE_API_KEY"),
                  request_timeout=args.request_timeout)
+
+
+def _delta_model(base, delta_dirs: dict):
+    """The base model (loaded with the auto class the first delta's file names) carrying these deltas."""
+    from .core.io import read_delta
+    from .core.model import DeltaModel
+    from .core.setup import read_base
+    from .data.models import load_model, resolve_path
+    from .merged import auto_class_for
+
+    first = next(iter(delta_dirs.values()))
+    config, tensors = read_delta(first)
+    auto_class, kwargs = auto_class_for(config, tensors, read_base(first))
+    model = DeltaModel(load_model(str(resolve_path(base)), auto_class, **kwargs))
+    for name, folder in delta_dirs.items():
+        model.load_delta(folder, name=name)
+    return model
+
+
+def _arithmetic_report(model, result, output) -> int:
+    model.save_pretrained(output, names=[result.name])
+    print(json.dumps({"name": result.name, "method": result.method, "config": model.configs[result.name].method,
+                      "output": str(output), "max_error": result.max_error, "errors": result.errors,
+                      "dropped": result.dropped}, indent=2))
+    return 0
+
+
+def _combine(args) -> int:
+    from .arithmetic import combine
+    from .arithmetic.spec import read_spec
+    from .config_file import read_yaml
+
+    spec = read_spec(read_yaml(args.config), str(args.config))
+    inputs = spec.named_inputs()
+    model = _delta_model(spec.base, inputs)
+    result = combine(model, list(inputs), spec.weights, **spec.options())
+    return _arithmetic_report(model, result, spec.output)
+
+
+def _extract(args) -> int:
+    import transformers
+
+    from .arithmetic import extract_lora
+    from .data.models import load_model, resolve_path
+
+    architecture = transformers.AutoConfig.from_pretrained(resolve_path(args.finetuned, weights=False),
+                                                           local_files_only=True).architectures[0]
+    auto_class = getattr(transformers, architecture)
+    finetuned = load_model(str(resolve_path(args.finetuned)), auto_class)
+    base = load_model(str(resolve_path(args.base)), auto_class)
+    model, result = extract_lora(finetuned, base, rank=_rank(args.rank), energy=args.energy,
+                                 targets=args.targets.split(",") if args.targets else "all-linear")
+    return _arithmetic_report(model, result, args.output_dir)
+
+
+def _export(args) -> int:
+    from .arithmetic import to_lora
+
+    model = _delta_model(args.base, {"delta": args.delta_dir})
+    return _arithmetic_report(model, to_lora(model, "delta", rank=_rank(args.rank), energy=args.energy,
+                                             into="lora"), args.output_dir)
+
+
+def _rank(text: str):
+    return "auto" if text == "auto" else int(text)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -106,6 +178,14 @@ def build_parser() -> argparse.ArgumentParser:
         "with --resume: continue although the config differs from the run's run.yaml"))
     p.set_defaults(func=_train)
 
+    p = sub.add_parser("compare", help="several methods on one model and dataset, same budget and seeds: a results "
+                       "table (Markdown, CSV) and plots; finished runs are kept (docs/compare.md)")
+    p.add_argument("config", help="a run YAML without delta, plus methods: {NAME: delta} and seeds: [...]")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. seeds=[0] train.epochs=2")
+    p.add_argument("--only", nargs="+", metavar="METHOD", help="run only these methods (the table lists every "
+                   "finished one)")
+    p.set_defaults(func=_compare)
+
     p = sub.add_parser("eval", help="evaluate a trained delta on the run YAML's evaluation data")
     p.add_argument("config", help="the run YAML the delta was trained with")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, as for train")
@@ -122,6 +202,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("output_dir", help="a new or empty folder: weights, config, tokenizer, generation config")
     p.add_argument("--overwrite", action="store_true", help="replace OUTPUT_DIR even if it is not empty")
     p.set_defaults(func=_merge)
+
+    p = sub.add_parser("combine", help="combine deltas (linear, cat, svd, ties, dare_linear, dare_ties, "
+                       "magnitude_prune) into one, as a CONFIG.yaml says (docs/arithmetic.md)")
+    p.add_argument("config", help="YAML with base, inputs, weights, method, density, rank, output")
+    p.set_defaults(func=_combine)
+
+    p = sub.add_parser("extract", help="the LoRA closest to a fine-tuned model's change from its base "
+                       "(truncated SVD per module), with each module's relative error")
+    p.add_argument("base", help="the base model's local directory, or a built-in name (minilm, smollm2)")
+    p.add_argument("finetuned", help="the fine-tuned model's local directory (same architecture)")
+    p.add_argument("output_dir", help="where the LoRA (PEFT's format) is written")
+    p.add_argument("--rank", default="16", help="LoRA rank, or 'auto' (per module: keep --energy; default 16)")
+    p.add_argument("--energy", type=float, default=0.9, help="with --rank auto: share of each change's squared "
+                   "singular values kept (default 0.9)")
+    p.add_argument("--targets", help="comma-separated module suffixes (default: all linear layers)")
+    p.set_defaults(func=_extract)
+
+    p = sub.add_parser("export", help="write a weight-space delta (full, partial, DoRA, LoHa, LoKr, OFT, IA3, VeRA, "
+                       "diff pruning, intrinsic) as the closest LoRA, with its measured error")
+    p.add_argument("delta_dir")
+    p.add_argument("output_dir", help="where the LoRA (PEFT's format) is written")
+    p.add_argument("--to", choices=["lora"], default="lora", help="the target format (lora)")
+    p.add_argument("--rank", default="16", help="LoRA rank, or 'auto' (per module: keep --energy; default 16)")
+    p.add_argument("--energy", type=float, default=0.9, help="with --rank auto: share of energy kept (default 0.9)")
+    p.add_argument("--base", required=True, help="the delta's base model: a local directory or a built-in name")
+    p.set_defaults(func=_export)
 
     p = sub.add_parser("serve", help="serve a base model and a folder of deltas over an OpenAI-compatible HTTP API",
                        description="POST /v1/completions and /v1/chat/completions (stream or not), GET /v1/models, "

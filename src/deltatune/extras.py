@@ -7,6 +7,8 @@
 - `recipes`: sacrebleu and faiss-cpu, for BLEU scores and nearest-neighbour demonstrations (ipt);
 - `data`: datasets, for reading JSONL/CSV/Parquet files and saved datasets;
 - `serve`: fastapi, uvicorn and prometheus-client, for `deltatune serve`;
+- `quant`: bitsandbytes, for LoRA on a base loaded 4-bit (NF4 / FP4) or 8-bit (QLoRA, docs/qlora.md);
+  only a model already quantized imports it, so no feature here calls `require` for it;
 - `all`: all of the above.
 """
 from __future__ import annotations

@@ -17,10 +17,11 @@ from ..core.errors import ConfigError
 from ..core.layer import unwrap
 from ..core.mixed import register_batched
 from ..core.pieces import AddsToOutput, DeltaPiece
+from ..core.quantized import dequantized_weight, is_quantized, merge_into_codes, quant_kind, restore_codes
 from ..core.registry import register
 from ..core.targets import LINEAR_TYPES, find_targets, pattern_value
 from ..core.weights import oriented, stores_transposed
-from . import lora_batched
+from . import lora_batched, lora_init
 from .lora_kernels import SAME_INPUT, AddLoRA, SharedInput, can_add_in_place, project
 
 
@@ -44,6 +45,12 @@ class LoRAConfig(DeltaConfig, PeftConvertible):
     alpha_pattern: dict[str, float] | None = field(default=None, metadata={"help": "{module regex: alpha}"})
     use_rslora: bool = field(default=False, metadata={"help": "scale alpha/sqrt(r) (Kalajdzievski 2023)"})
     use_dora: bool = field(default=False, metadata={"help": "weight-decomposed LoRA (Liu et al. 2024)"})
+    init: str = field(default="default", metadata={
+        "help": "how A and B start (methods/lora_init.py): 'default', 'gaussian', 'pissa', 'pissa_niter_K', 'olora' "
+                "(these two REPLACE the base weight by a residual) or 'eva' (then dt.init_eva(model, data))"})
+    eva_config: dict | None = field(default=None, metadata={
+        "help": "init='eva' options, PEFT's EvaConfig: rho, tau, use_label_mask, label_mask_value, whiten, "
+                "adjust_scaling_factors"})
 
     swappable = ("alpha", "alpha_pattern", "use_rslora", "dropout")
 
@@ -67,6 +74,7 @@ class LoRAConfig(DeltaConfig, PeftConvertible):
         if self.layers_pattern and self.layers is None:
             raise ConfigError(f"layers_pattern={self.layers_pattern!r} says where to read the layer index, "
                               "but no layers=[...] are given to select.")
+        lora_init.check(self.init, self.eva_config, self.use_dora)
 
     def for_module(self, path: str) -> tuple[int, float]:
         r = pattern_value(self.rank_pattern, path, self.r)
@@ -81,8 +89,10 @@ class LoRAConfig(DeltaConfig, PeftConvertible):
             "target_modules": self.targets, "layers_to_transform": self.layers, "layers_pattern": self.layers_pattern,
             "rank_pattern": self.rank_pattern or {}, "alpha_pattern": self.alpha_pattern or {},
             "use_rslora": self.use_rslora, "use_dora": self.use_dora, "modules_to_save": self.modules_to_save,
-            "fan_in_fan_out": False, "init_lora_weights": True,
+            "fan_in_fan_out": False, "init_lora_weights": lora_init.peft_value(self.init),
         }
+        if self.init == "eva":
+            d["eva_config"] = lora_init.eva_options(self.eva_config)
         if self.exclude:  # written only when set: peft before 0.14 has no such option
             d["exclude_modules"] = self.exclude
         return d
@@ -104,7 +114,9 @@ class LoRAConfig(DeltaConfig, PeftConvertible):
                    layers=layers, layers_pattern=pattern,
                    rank_pattern=d.get("rank_pattern") or None,
                    alpha_pattern=d.get("alpha_pattern") or None, use_rslora=d.get("use_rslora", False),
-                   use_dora=d.get("use_dora", False), modules_to_save=d.get("modules_to_save"))
+                   use_dora=d.get("use_dora", False), modules_to_save=d.get("modules_to_save"),
+                   init=lora_init.from_peft_value(d.get("init_lora_weights", True)),
+                   eva_config=lora_init.eva_from_peft(d))
 
 
 class LoRALinear(AddsToOutput):
@@ -112,17 +124,16 @@ class LoRALinear(AddsToOutput):
 
     mergeable = True
 
-    def __init__(self, base_layer, r, scale, dropout=0.0, use_dora=False):
+    def __init__(self, base_layer, r, scale, dropout=0.0, use_dora=False, init="default"):
         super().__init__()
         self.fan_in_fan_out = stores_transposed(base_layer)
         out_f, in_f = self._weight(base_layer).shape
         self.lora_A = nn.Linear(in_f, r, bias=False)
         self.lora_B = nn.Linear(r, out_f, bias=False)
-        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
-        nn.init.zeros_(self.lora_B.weight)
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.register_buffer("lora_scale", torch.tensor(float(scale)), persistent=False)
         self.scale = scale
+        lora_init.initialise(self, base_layer, init)  # PiSSA / OLoRA also replace the base weight by a residual
         self.use_dora = use_dora
         if use_dora:
             with torch.no_grad():
@@ -144,6 +155,8 @@ class LoRALinear(AddsToOutput):
         return self.lora_scale if torch.compiler.is_compiling() else self._scale
 
     def _weight(self, base_layer):
+        if is_quantized(base_layer):  # 4/8-bit codes (core/quantized.py): the float weight they stand for
+            return dequantized_weight(base_layer)
         return oriented(base_layer.weight, self.fan_in_fan_out)
 
     def update(self):
@@ -204,6 +217,16 @@ class LoRALinear(AddsToOutput):
         return out + ((mscale - 1) * base + mscale * lora).to(out.dtype)
 
     def merge_deltas(self, base_layer):
+        if is_quantized(base_layer):  # reached by merge(exact=True) and weight arithmetic, not by merge()
+            raise ConfigError(
+                f"The base layer is a {type(base_layer).__name__} holding {quant_kind(base_layer)} codes: a float "
+                "change cannot be added to them in place. Use merge() without exact=True (it quantizes W + dW "
+                "again, and unmerge() puts the old codes back bit for bit), or deltatune.dequantize(model) "
+                "first for float weights.")
+        return {"weight": oriented(self._change(base_layer), self.fan_in_fan_out)}
+
+    def _change(self, base_layer):
+        """W' - W as an (out, in) matrix: s B A; for DoRA m (W + dW) / |W + dW| - W."""
         weight = self._weight(base_layer)
         delta = self.update().to(weight.dtype)
         if self.use_dora:  # W' = m (W + dW) / |W + dW|; the row norms are kept to invert it
@@ -211,10 +234,18 @@ class LoRALinear(AddsToOutput):
             self._merged_norm = torch.linalg.norm(new, dim=1).detach()
             new = (self.lora_magnitude_vector.detach() / self._merged_norm).view(-1, 1) * new
             delta = new - weight
-        return {"weight": oriented(delta, self.fan_in_fan_out)}
+        return delta
 
     def fold(self, base_layer, sign):
-        """W += sign * s * B A with one addmm_ into the weight (no (out, in) temporary); not DoRA."""
+        """W += sign * s * B A with one addmm_ into the weight (no (out, in) temporary); not DoRA.
+        On a quantized base: W + dW is quantized again, and unmerging puts the old codes back."""
+        if is_quantized(base_layer):
+            if sign > 0:
+                self._codes_before = merge_into_codes(base_layer, self._change(base_layer))
+            else:
+                restore_codes(base_layer, self._codes_before)
+                del self._codes_before
+            return True
         if self.use_dora:
             return False
         weight = base_layer.weight
@@ -225,6 +256,9 @@ class LoRALinear(AddsToOutput):
             else:
                 weight.addmm_(B, A, alpha=sign * self.scale)
         return True
+
+    def restore_base(self, base_layer):
+        lora_init.restore_base(self, base_layer)
 
     def unmerge_deltas(self, base_layer):
         if not self.use_dora:
@@ -265,6 +299,11 @@ def build(model: nn.Module, config: LoRAConfig) -> dict[str, DeltaPiece]:
                          exclude=config.exclude, layers_pattern=config.layers_pattern)
     for path in paths:
         base = unwrap(model.get_submodule(path))
+        lora_init.check_target(model.get_submodule(path), path, config.init)
+        if is_quantized(base) and lora_init.changes_base(config.init):
+            raise ConfigError(f"LoRA init {config.init!r} replaces the base weight of {path!r} by a residual, but "
+                              f"that weight is quantized ({quant_kind(base)}). Use init='default' or 'gaussian', "
+                              "or deltatune.dequantize(model) before attaching.")
         r, scale = config.for_module(path)
         if isinstance(base, nn.Embedding):
             if config.use_dora:
@@ -272,7 +311,7 @@ def build(model: nn.Module, config: LoRAConfig) -> dict[str, DeltaPiece]:
             out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
             pieces[path] = LoRAEmbedding(base, r, scale, tied=out is not None and out.weight is base.weight)
         else:
-            pieces[path] = LoRALinear(base, r, scale, config.dropout, config.use_dora)
+            pieces[path] = LoRALinear(base, r, scale, config.dropout, config.use_dora, config.init)
         ref = base.weight
         pieces[path].to(dtype=ref.dtype if ref.is_floating_point() else torch.float32)
     _share_inputs(model, pieces)
