@@ -40,6 +40,6 @@ def test_several_trained_deltas_take_the_smallest_rate_and_frozen_ones_do_not_co
 
 def test_partial_head_only_and_whole_layers_differ_and_a_plain_model_gets_full_fine_tunings_rate():
     assert dt.PartialConfig(modules_to_save=["score"]).recommended_lr == 1e-1
-    assert dt.PartialConfig(last_k_layers=1).recommended_lr == 1e-4
+    assert dt.PartialConfig(last_k_layers=1).recommended_lr == 1e-3
     lr, why = resolve_lr(dt.train.TrainConfig(), llama_cls())
     assert lr == FULL_MODEL_LR == 5e-5 and "no deltas" in why
