@@ -82,6 +82,19 @@ def test_a_changed_method_config_reruns_that_method_alone(done, tmp_path):
     assert [line.split(":")[0] for line in lines if "running" in line] == ["[1/5] lora seed 0", "[2/5] lora seed 1"]
 
 
+def test_a_run_without_a_rate_records_its_method_s_recommended_one_in_its_config(tmp_path):
+    raw = _config(tmp_path)
+    raw["train"] = {k: v for k, v in BASE["train"].items() if k != "lr"}
+    raw["methods"]["bitfit"] = {"method": "bitfit"}
+    comp = load_comparison(raw=raw)
+    lora, bitfit = comp.methods
+    assert comp.run_config(lora, 0, None, tmp_path)["train"]["lr"] == dt.LoRAConfig.recommended_lr
+    assert comp.run_config(bitfit, 0, None, tmp_path)["train"]["lr"] == dt.BitFitConfig.recommended_lr
+    assert comp.run_config(bitfit, 0, 0.5, tmp_path)["train"]["lr"] == 0.5  # a swept rate wins
+    shared = load_comparison(raw=_config(tmp_path))  # a rate every method shares wins too
+    assert shared.run_config(shared.methods[1], 0, None, tmp_path)["train"]["lr"] == 1e-3 != dt.BitFitConfig.recommended_lr
+
+
 def test_an_isolated_run_measures_its_own_peak_memory(tmp_path):
     config = _config(tmp_path, seeds=[0], isolate=True, methods={"lora": {"method": "lora", "r": 4}})
     result = compare(config, log=lambda _: None)

@@ -27,23 +27,26 @@ def compare(config, overrides=(), only=None, log: Callable[[str], None] = print)
     if unknown:
         raise ConfigError(f"--only names {unknown}, not methods of this comparison ({', '.join(names)}).")
     runner = _Runner(comp, log)
-    chosen = {}
+    chosen, ran = {}, {}  # ran: method -> (its sweep's records, its records at the chosen rate)
     for m in comp.methods:
         if only and m.name not in only:
             continue
-        lr = None
+        lr, sweep = None, []
         if m.lrs:
             sweep = [runner.run(m, comp.seeds[0], lr) for lr in m.lrs]
             lr = _best_lr(comp, m, sweep)
             chosen[m.name] = {"lrs": m.lrs, "chosen": lr, "validation": [r["validation"] for r in sweep]}
             scores = ", ".join(f"{x:g}: {r['validation']:.4f}" for x, r in zip(m.lrs, sweep))
             log(f"{m.name}: lr {lr:g} chosen on the validation {comp.metric} ({scores})")
-        for seed in comp.seeds[1:] if m.lrs else comp.seeds:
-            runner.run(m, seed, lr)
-    records = [r for m in comp.methods for r in _finished(comp, m)]
-    swept = [dict(r, method=m.name) for m in comp.methods for x in m.lrs
-             if (r := cached(run_of(comp, m, comp.seeds[0], x))) is not None]
-    every = swept + [r for r in records if r["folder"] not in {s["folder"] for s in swept}]
+        rest = [runner.run(m, seed, lr) for seed in (comp.seeds[1:] if m.lrs else comp.seeds)]
+        ran[m.name] = (sweep, ([sweep[m.lrs.index(lr)]] if m.lrs else []) + rest)
+    records, every = [], []
+    for m in comp.methods:  # methods left out by `only` are listed with what they finished before
+        sweep, runs = ran[m.name] if m.name in ran else _finished(comp, m)
+        runs = [dict(r, method=m.name) for r in runs]
+        records += runs
+        every += [dict(r, method=m.name) for r in sweep] + [r for r in runs if r["folder"] not in
+                                                             {s["folder"] for s in sweep}]
     rows, files = write_report(comp, records, every, log)
     return {"rows": rows, "runs": every, "files": files, "lr_sweeps": chosen}
 
@@ -62,16 +65,15 @@ def run_of(comp: Comparison, m: MethodSpec, seed: int, lr: float | None) -> Run:
     return Run(m.name, lr, seed, comp.run_config(m, seed, lr, folder), folder)
 
 
-def _finished(comp: Comparison, m: MethodSpec) -> list:
-    """The records of the method's runs at its chosen rate (all seeds), for the table."""
-    lr = None
+def _finished(comp: Comparison, m: MethodSpec) -> tuple[list, list]:
+    """The method's cached records: its sweep's and those at its chosen rate (all seeds), for the table."""
+    lr, sweep = None, []
     if m.lrs:
         sweep = [cached(run_of(comp, m, comp.seeds[0], x)) for x in m.lrs]
         if any(r is None for r in sweep):
-            return []
+            return [r for r in sweep if r is not None], []
         lr = _best_lr(comp, m, sweep)
-    found = [cached(run_of(comp, m, s, lr)) for s in comp.seeds]
-    return [dict(r, method=m.name) for r in found if r is not None]
+    return sweep, [r for r in (cached(run_of(comp, m, s, lr)) for s in comp.seeds) if r is not None]
 
 
 class _Runner:

@@ -38,6 +38,7 @@ class MethodSpec:
     delta: dict
     train: dict  # changes to the shared train options
     lrs: list  # learning rates to sweep (empty: the run's own lr)
+    default_lr: float | None = None  # the delta's recommended rate, written into runs that set none
 
 
 @dataclass
@@ -58,6 +59,8 @@ class Comparison:
         train = {**(raw.get("train") or {}), **method.train, "seed": seed}
         if lr is not None:
             train["lr"] = lr
+        elif train.get("lr") is None and method.default_lr is not None:
+            train["lr"] = method.default_lr  # so that the run's cache key holds the rate it trains at
         raw["train"] = train
         return raw
 
@@ -99,6 +102,7 @@ def load_comparison(path=None, overrides=(), raw: dict | None = None) -> Compari
         except (ConfigError, UnknownMethodError) as e:  # the same error, saying which method it is about
             raise type(e)(f"methods.{m.name}: {e}") from None
         train = for_task(cfg.train, cfg.task)
+        m.default_lr = cfg.delta_config().recommended_lr
         if m.lrs and not cfg.data.validation and cfg.data.validation_fraction <= 0:
             raise ConfigError(f"methods.{m.name}.lrs: a learning-rate sweep chooses on the validation split, "
                               "and this data config has none; set data.validation_fraction > 0 or data.validation.")
