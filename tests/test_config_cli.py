@@ -28,6 +28,20 @@ def test_yaml_maps_onto_the_python_configs():
     assert again.to_dict() == cfg.to_dict()
 
 
+def test_a_prompt_started_from_label_words_reads_them_with_the_run_s_tokenizer():
+    from transformers import AutoTokenizer
+
+    from deltatune.data.models import resolve_path
+
+    delta = {"method": "prompt_tuning", "num_virtual_tokens": 4, "init": "labels", "label_words": ["ham", "spam"]}
+    config = load_run_config(raw={**BASE, "delta": delta}).delta_config()
+    tok = AutoTokenizer.from_pretrained(resolve_path("minilm", weights=False))
+    assert config.init_token_ids == [tok("ham", add_special_tokens=False)["input_ids"],
+                                     tok("spam", add_special_tokens=False)["input_ids"]]
+    given = load_run_config(raw={**BASE, "delta": {**delta, "init_token_ids": [[7], [8]]}}).delta_config()
+    assert given.init_token_ids == [[7], [8]]  # ids the user gives are kept
+
+
 @pytest.mark.parametrize("change, message", [
     ({"trian": {}}, "Did you mean 'train'"),
     ({"train": {"lrr": 1}}, "'train.lrr'.* Did you mean 'lr'"),

@@ -23,6 +23,7 @@ from .core.typed import build
 from .core.errors import ConfigError
 from .core.registry import config_from_dict
 from .recipes import get_recipe
+from .data.models import resolve_path
 from .data.sources import DataConfig
 from .data.tasks import TaskConfig
 from .train.config import TrainConfig
@@ -47,7 +48,11 @@ class RunConfig:
     recipe_options: Any = None  # the recipe's own options dataclass (from the `recipe` mapping)
 
     def delta_config(self):
-        return config_from_dict(dict(self.delta), where="delta")
+        delta = dict(self.delta)
+        if delta.get("init") in ("text", "labels") and not {"tokenizer", "init_token_ids"} & set(delta) \
+                and self.model.path:  # a prompt started from words reads them with the run's own tokenizer
+            delta["tokenizer"] = str(resolve_path(self.model.path, weights=False))
+        return config_from_dict(delta, where="delta")
 
     def to_dict(self) -> dict:
         d = {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self) if f.name != "recipe_options"}
