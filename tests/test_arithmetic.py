@@ -389,13 +389,6 @@ def test_to_lora_is_exact_at_full_rank_and_closer_with_rank(method):
     assert all(high.errors[p] <= low.errors[p] + 1e-6 for p in low.errors)
 
 
-def test_export_of_biases_only_says_why():
-    model = dt.attach(BUILDERS["bert"](), dt.BitFitConfig(modules_to_save=[]), "d")
-    perturb(model, "d")
-    with pytest.raises(dt.ConfigError, match="no lora_bias"):
-        to_lora(model, "d", rank=4)
-
-
 # -- errors ------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("kwargs, message", [
     (dict(method="average"), "Unknown combination method 'average'"),

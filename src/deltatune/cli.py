@@ -138,7 +138,8 @@ def _extract(args) -> int:
     finetuned = load_model(str(resolve_path(args.finetuned)), auto_class)
     base = load_model(str(resolve_path(args.base)), auto_class)
     model, result = extract_lora(finetuned, base, rank=_rank(args.rank), energy=args.energy,
-                                 targets=args.targets.split(",") if args.targets else "all-linear")
+                                 targets=args.targets.split(",") if args.targets else "all-linear",
+                                 lora_bias=args.lora_bias)
     return _arithmetic_report(model, result, args.output_dir)
 
 
@@ -147,7 +148,7 @@ def _export(args) -> int:
 
     model = _delta_model(args.base, {"delta": args.delta_dir})
     return _arithmetic_report(model, to_lora(model, "delta", rank=_rank(args.rank), energy=args.energy,
-                                             into="lora"), args.output_dir)
+                                             into="lora", lora_bias=args.lora_bias), args.output_dir)
 
 
 def _rank(text: str):
@@ -217,16 +218,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--energy", type=float, default=0.9, help="with --rank auto: share of each change's squared "
                    "singular values kept (default 0.9)")
     p.add_argument("--targets", help="comma-separated module suffixes (default: all linear layers)")
+    p.add_argument("--lora-bias", action="store_true", help="carry the targets' bias changes in PEFT's lora_bias "
+                   "(default: leave them out, reported under dropped)")
     p.set_defaults(func=_extract)
 
-    p = sub.add_parser("export", help="write a weight-space delta (full, partial, DoRA, LoHa, LoKr, OFT, IA3, VeRA, "
-                       "diff pruning, intrinsic) as the closest LoRA, with its measured error")
+    p = sub.add_parser("export", help="write a weight-space delta (full, partial, BitFit, DoRA, LoHa, LoKr, OFT, IA3, "
+                       "VeRA, diff pruning, intrinsic) as the closest LoRA, with its measured error")
     p.add_argument("delta_dir")
     p.add_argument("output_dir", help="where the LoRA (PEFT's format) is written")
     p.add_argument("--to", choices=["lora"], default="lora", help="the target format (lora)")
     p.add_argument("--rank", default="16", help="LoRA rank, or 'auto' (per module: keep --energy; default 16)")
     p.add_argument("--energy", type=float, default=0.9, help="with --rank auto: share of energy kept (default 0.9)")
     p.add_argument("--base", required=True, help="the delta's base model: a local directory or a built-in name")
+    p.add_argument("--lora-bias", action=argparse.BooleanOptionalAction, default=None, help="carry the changes of "
+                   "Linear biases in PEFT's lora_bias (default: when the delta changes any, as BitFit does)")
     p.set_defaults(func=_export)
 
     p = sub.add_parser("serve", help="serve a base model and a folder of deltas over an OpenAI-compatible HTTP API",

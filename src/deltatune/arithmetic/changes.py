@@ -77,11 +77,11 @@ def lora_view(module: nn.Module, t: torch.Tensor) -> torch.Tensor:
 
 def lora_factors(model, name: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]] | None:
     """{module path: (B, A)} with lora_view(change) = B @ A (the scale folded into A), when delta
-    `name` is a plain LoRA (no DoRA: its change is not B A; task heads aside); else None."""
+    `name` is a plain LoRA (no DoRA: its change is not B A; no lora_bias; task heads aside); else None."""
     pieces = model.pieces_of(name)
     out = {}
     for path, piece in pieces.items():
-        if isinstance(piece, LoRALinear) and not piece.use_dora:
+        if isinstance(piece, LoRALinear) and not piece.use_dora and piece.lora_B.bias is None:
             out[path] = (piece.lora_B.weight.detach(), piece.lora_A.weight.detach() * piece.scale)
         elif isinstance(piece, LoRAEmbedding):
             out[path] = (piece.lora_embedding_B.detach(), piece.lora_embedding_A.detach() * piece.scale)

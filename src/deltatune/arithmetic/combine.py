@@ -19,7 +19,7 @@ from ..core.pieces import ComputesOutput
 from ..methods.partial import FullConfig, PartialConfig
 from .changes import Changes, base_parameters, lora_factors, weight_changes
 from .rules import SIGN_RULES, combine_tensor
-from .svd import Result, check_rank, lora_from_changes
+from .svd import Result, bias_fits, check_rank, lora_from_changes
 from .write import Factors, attach_result, dense_config, lora_config
 
 METHODS = ("linear", "cat", "svd", "ties", "dare_linear", "dare_ties", "magnitude_prune")
@@ -28,11 +28,12 @@ PRUNING = ("ties", "dare_linear", "dare_ties", "magnitude_prune")
 
 def combine(model, names, weights, method: str = "linear", into: str = "combined", density: float | None = None,
             rank=None, energy: float = 0.9, seed: int = 0, majority_sign: str = "total",
-            trainable: bool = False) -> Result:
+            trainable: bool = False, lora_bias: bool = False) -> Result:
     """Attach `into` as the combination of deltas `names` with `weights` (negative: subtract) under
     `method` (module docstring; rules in arithmetic/rules.py). `density`: share kept by ties, dare_*
     and magnitude_prune; `rank`: write the result as a LoRA of this rank ("auto": per module, the
-    smallest keeping `energy` of its change); `seed`: DARE's masks."""
+    smallest keeping `energy` of its change); `seed`: DARE's masks; `lora_bias`: a LoRA result also
+    carries the changes of its Linear modules' biases (PEFT's lora_bias) instead of leaving them out."""
     names, weights = _checked(model, names, weights, method, density, rank, energy, majority_sign)
     factors = [lora_factors(model, n) for n in names]
     changes = [weight_changes(model, n) for n in names]
@@ -40,8 +41,8 @@ def combine(model, names, weights, method: str = "linear", into: str = "combined
         return _concatenate(model, into, names, factors, changes, weights, trainable, method)
     if method == "cat":
         odd = [n for n, f in zip(names, factors) if f is None]
-        raise ConfigError(f"method='cat' concatenates LoRA factors, but {odd} are not plain LoRA deltas (DoRA or "
-                          "another method). Use method='linear' (exact, as trained copies) or add rank=R.")
+        raise ConfigError(f"method='cat' concatenates LoRA factors, but {odd} are not plain LoRA deltas (DoRA, lora_bias "
+                          "or another method). Use method='linear' (exact, as trained copies) or add rank=R.")
     rule = "linear" if method == "svd" else method
     combined = combine_changes(model, changes, weights, rule, density, seed, majority_sign)
     if method == "svd" or rank is not None:
@@ -49,16 +50,22 @@ def combine(model, names, weights, method: str = "linear", into: str = "combined
         if rank is None and not ranks:
             raise ConfigError("method='svd' needs rank=R (or 'auto') when no input is a LoRA to take it from.")
         return lora_from_changes(model, into, combined, rank or max(ranks), energy, _heads(model, names),
-                                 trainable, method)
+                                 trainable, method, lora_bias)
     full = all(type(model.configs[n]) is FullConfig for n in names)
     attach_result(model, into, dense_config({k.rpartition(".")[0] for k in combined}, full), {}, combined, trainable)
     return Result(into, method)
 
 
-def to_lora(model, name: str, rank=16, into: str | None = None, energy: float = 0.9) -> Result:
+def to_lora(model, name: str, rank=16, into: str | None = None, energy: float = 0.9,
+            lora_bias: bool | None = None) -> Result:
     """Attach the LoRA closest to delta `name`'s weight change (any mergeable delta: full, partial,
-    DoRA, LoHa, LoKr, OFT, IA3, VeRA, diff pruning, intrinsic) as `into` (default "<name>_lora")."""
-    return combine(model, [name], [1.0], method="svd", rank=rank, energy=energy, into=into or f"{name}_lora")
+    BitFit, DoRA, LoHa, LoKr, OFT, IA3, VeRA, diff pruning, intrinsic) as `into` (default "<name>_lora").
+    lora_bias: carry the changes of Linear biases in PEFT's lora_bias (None: when the delta changes one
+    and every module the LoRA would hold has a bias, as PEFT's lora_bias needs)."""
+    if lora_bias is None:
+        lora_bias = bias_fits(model, weight_changes(model, name))
+    return combine(model, [name], [1.0], method="svd", rank=rank, energy=energy, into=into or f"{name}_lora",
+                   lora_bias=lora_bias)
 
 
 def combine_changes(model, changes: list[Changes], weights: list[float], rule: str, density: float | None,

@@ -59,13 +59,27 @@ def low_rank(m: torch.Tensor, rank, energy: float = 0.9) -> tuple[torch.Tensor, 
     return b, a, err
 
 
+def bias_fits(model, changes: Changes) -> bool:
+    """Whether a LoRA of `changes` can carry their bias changes in PEFT's lora_bias: some Linear / Conv1D
+    bias changes, and every module the LoRA would hold (a changed weight or bias) has a bias."""
+    modules = base_modules(model.base_model)
+    held = {k.rpartition(".")[0] for k in changes
+            if (k.endswith(".weight") and isinstance(modules.get(k.rpartition(".")[0]), LORA_TYPES))
+            or (k.endswith(".bias") and isinstance(modules.get(k.rpartition(".")[0]), LINEAR_TYPES))}
+    return (any(k.endswith(".bias") and k.rpartition(".")[0] in held for k in changes)
+            and all(getattr(modules[p], "bias", None) is not None for p in held))
+
+
 def lora_from_changes(model, into: str, changes: Changes, rank, energy: float, heads: list[str],
-                      trainable: bool = False, method: str = "svd") -> Result:
+                      trainable: bool = False, method: str = "svd", lora_bias: bool = False) -> Result:
     """Attach `into` as the LoRA closest to `changes`: weights of Linear / Conv1D / Embedding modules
-    by truncated SVD, modules under `heads` as trained copies (exact); other changes are reported."""
+    by truncated SVD, modules under `heads` as trained copies (exact); with lora_bias, the biases of
+    Linear / Conv1D modules exactly in B's bias (a module whose weight is unchanged gets a zero rank-1
+    B A); other changes are reported."""
     modules = base_modules(model.base_model)
     base = base_parameters(model.base_model)
     factors: Factors = {}
+    biases: dict[str, torch.Tensor] = {}
     kept: Changes = {}
     result = Result(into, method)
     for key, change in changes.items():
@@ -76,13 +90,28 @@ def lora_from_changes(model, into: str, changes: Changes, rank, energy: float, h
             b, a, err = low_rank(lora_view(modules[path], change), rank, energy)
             factors[path] = (b.to(base[key].dtype), a.to(base[key].dtype))
             result.errors[path] = err
+        elif lora_bias and pname == "bias" and isinstance(modules.get(path), LINEAR_TYPES):
+            biases[path] = change
         elif float(change.norm()) > 0:
             result.dropped[key] = float(change.norm() / base[key].norm().clamp_min(1e-12))
+    if biases:  # every module of a lora_bias LoRA has a bias, and every one with a bias change has B A
+        for path, module in ((p, modules[p]) for p in list(factors) if p not in biases):
+            if getattr(module, "bias", None) is None:
+                raise ConfigError(f"lora_bias: {path!r} has no bias, so it cannot be in a LoRA with lora_bias=True "
+                                  "(PEFT refuses it too). Export without lora_bias (its bias changes are then left "
+                                  "out and reported).")
+            biases[path] = torch.zeros_like(module.bias)
+        for path in biases:
+            if path not in factors:
+                w = lora_view(modules[path], modules[path].weight)
+                factors[path] = (w.new_zeros(w.shape[0], 1), w.new_zeros(1, w.shape[1]))
     if not factors:
         raise ConfigError(f"No weight change here can be written as LoRA (only {sorted(result.dropped)[:4]}...: "
-                          "biases and norms; deltatune's LoRA has no lora_bias). Keep the delta as it is.")
+                          "biases and norms). Export with lora_bias=True to carry the biases of Linear layers, "
+                          "or keep the delta as it is.")
     heads_used = sorted({h for h in heads for k in kept if k.startswith(h + ".")})
-    attach_result(model, into, lora_config(factors, heads_used), factors, kept, trainable)
+    attach_result(model, into, lora_config(factors, heads_used, lora_bias=bool(biases)), factors, kept, trainable,
+                  biases)
     return result
 
 
@@ -102,12 +131,14 @@ def model_changes(finetuned: nn.Module, base: nn.Module) -> Changes:
 
 
 def extract_lora(finetuned: nn.Module, base: nn.Module, rank=16, targets="all-linear", energy: float = 0.9,
-                 modules_to_save: list[str] | None = None, name: str = "default") -> tuple[DeltaModel, Result]:
+                 modules_to_save: list[str] | None = None, name: str = "default",
+                 lora_bias: bool = False) -> tuple[DeltaModel, Result]:
     """The LoRA closest to finetuned - base: each targeted module's weight change by truncated SVD
     (rank="auto": the smallest rank keeping `energy` of its squared singular values), the task head
     (modules_to_save; default: the model's fresh head) copied whole. Returns the base model carrying
     it as delta `name` (save it with .save_pretrained: a PEFT LoRA folder) and the per-module relative
-    errors; changes outside the targets are listed in Result.dropped with their relative size."""
+    errors; changes outside the targets are listed in Result.dropped with their relative size.
+    lora_bias: the targets' bias changes go into B's bias (PEFT's lora_bias) rather than Result.dropped."""
     check_rank(rank, energy)
     model = base if isinstance(base, DeltaModel) else DeltaModel(base)
     heads = default_heads(model.base_model) if modules_to_save is None else list(modules_to_save)
@@ -116,7 +147,7 @@ def extract_lora(finetuned: nn.Module, base: nn.Module, rank=16, targets="all-li
     changes = model_changes(finetuned, model.base_model)
     chosen = {k: c for k, c in changes.items()
               if k.rpartition(".")[0] in paths or any(k.startswith(h + ".") for h in heads)}
-    result = lora_from_changes(model, name, chosen, rank, energy, heads, method="extract")
+    result = lora_from_changes(model, name, chosen, rank, energy, heads, method="extract", lora_bias=lora_bias)
     base_params = base_parameters(model.base_model)
     for k, c in changes.items():  # what the targets leave out
         if k not in chosen and float(c.norm()) > 0:

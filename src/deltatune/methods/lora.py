@@ -45,6 +45,9 @@ class LoRAConfig(DeltaConfig, PeftConvertible):
     alpha_pattern: dict[str, float] | None = field(default=None, metadata={"help": "{module regex: alpha}"})
     use_rslora: bool = field(default=False, metadata={"help": "scale alpha/sqrt(r) (Kalajdzievski 2023)"})
     use_dora: bool = field(default=False, metadata={"help": "weight-decomposed LoRA (Liu et al. 2024)"})
+    lora_bias: bool = field(default=False, metadata={
+        "help": "a trained bias on B (PEFT's lora_bias): the update is s (B A x + b); merging adds s b to the base "
+                "layer's bias, so every target needs one"})
     init: str = field(default="default", metadata={
         "help": "how A and B start (methods/lora_init.py): 'default', 'gaussian', 'pissa', 'pissa_niter_K', 'olora' "
                 "(these two REPLACE the base weight by a residual) or 'eva' (then dt.init_eva(model, data))"})
@@ -75,6 +78,9 @@ class LoRAConfig(DeltaConfig, PeftConvertible):
             raise ConfigError(f"layers_pattern={self.layers_pattern!r} says where to read the layer index, "
                               "but no layers=[...] are given to select.")
         lora_init.check(self.init, self.eva_config, self.use_dora)
+        if self.lora_bias and (self.use_dora or self.init not in ("default", "gaussian")):
+            raise ConfigError(f"lora_bias=True works with plain LoRA and init 'default' or 'gaussian' (as in PEFT), not "
+                              f"with {'use_dora=True' if self.use_dora else f'init={self.init!r}'}; drop one of them.")
 
     def for_module(self, path: str) -> tuple[int, float]:
         r = pattern_value(self.rank_pattern, path, self.r)
@@ -95,6 +101,8 @@ class LoRAConfig(DeltaConfig, PeftConvertible):
             d["eva_config"] = lora_init.eva_options(self.eva_config)
         if self.exclude:  # written only when set: peft before 0.14 has no such option
             d["exclude_modules"] = self.exclude
+        if self.lora_bias:  # likewise (peft 0.14)
+            d["lora_bias"] = True
         return d
 
     @classmethod
@@ -114,7 +122,8 @@ class LoRAConfig(DeltaConfig, PeftConvertible):
                    layers=layers, layers_pattern=pattern,
                    rank_pattern=d.get("rank_pattern") or None,
                    alpha_pattern=d.get("alpha_pattern") or None, use_rslora=d.get("use_rslora", False),
-                   use_dora=d.get("use_dora", False), modules_to_save=d.get("modules_to_save"),
+                   use_dora=d.get("use_dora", False), lora_bias=bool(d.get("lora_bias", False)),
+                   modules_to_save=d.get("modules_to_save"),
                    init=lora_init.from_peft_value(d.get("init_lora_weights", True)),
                    eva_config=lora_init.eva_from_peft(d))
 
@@ -124,16 +133,18 @@ class LoRALinear(AddsToOutput):
 
     mergeable = True
 
-    def __init__(self, base_layer, r, scale, dropout=0.0, use_dora=False, init="default"):
+    def __init__(self, base_layer, r, scale, dropout=0.0, use_dora=False, init="default", bias=False):
         super().__init__()
         self.fan_in_fan_out = stores_transposed(base_layer)
         out_f, in_f = self._weight(base_layer).shape
         self.lora_A = nn.Linear(in_f, r, bias=False)
-        self.lora_B = nn.Linear(r, out_f, bias=False)
+        self.lora_B = nn.Linear(r, out_f, bias=bias)  # bias: PEFT's lora_bias, zero at the start
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.register_buffer("lora_scale", torch.tensor(float(scale)), persistent=False)
         self.scale = scale
         lora_init.initialise(self, base_layer, init)  # PiSSA / OLoRA also replace the base weight by a residual
+        if bias:
+            nn.init.zeros_(self.lora_B.bias)
         self.use_dora = use_dora
         if use_dora:
             with torch.no_grad():
@@ -178,7 +189,7 @@ class LoRALinear(AddsToOutput):
         (rows x (in + out)): used only when the rows outnumber in*out / (in + out), so a decoding
         step with a few rows keeps the thin path."""
         if (torch.is_grad_enabled() or len(args) != 1 or kwargs or type(base_layer) is not nn.Linear
-                or (self.training and isinstance(self.lora_dropout, nn.Dropout))):
+                or self.lora_B.bias is not None or (self.training and isinstance(self.lora_dropout, nn.Dropout))):
             return None
         x, W = args[0], base_layer.weight
         if not torch.is_tensor(x) or x.dtype != W.dtype or not self._fast(x, x, base_layer):
@@ -192,7 +203,7 @@ class LoRALinear(AddsToOutput):
         """lora_kernels' path: same outputs as _plain, for the common case (no DoRA, one dtype,
         no autocast, not being compiled: the compiler fuses the plain path itself)."""
         dtype = self.lora_A.weight.dtype
-        return (not self.use_dora and x.dtype == dtype and out.dtype == dtype
+        return (not self.use_dora and self.lora_B.bias is None and x.dtype == dtype and out.dtype == dtype
                 and not torch.is_autocast_enabled(x.device.type) and not torch.compiler.is_compiling())
 
     def _add(self, x, out, in_place):
@@ -223,7 +234,10 @@ class LoRALinear(AddsToOutput):
                 "change cannot be added to them in place. Use merge() without exact=True (it quantizes W + dW "
                 "again, and unmerge() puts the old codes back bit for bit), or deltatune.dequantize(model) "
                 "first for float weights.")
-        return {"weight": oriented(self._change(base_layer), self.fan_in_fan_out)}
+        change = {"weight": oriented(self._change(base_layer), self.fan_in_fan_out)}
+        if self.lora_B.bias is not None:
+            change["bias"] = self.lora_B.bias * self._scale
+        return change
 
     def _change(self, base_layer):
         """W' - W as an (out, in) matrix: s B A; for DoRA m (W + dW) / |W + dW| - W."""
@@ -240,6 +254,9 @@ class LoRALinear(AddsToOutput):
         """W += sign * s * B A with one addmm_ into the weight (no (out, in) temporary); not DoRA.
         On a quantized base: W + dW is quantized again, and unmerging puts the old codes back."""
         if is_quantized(base_layer):
+            if self.lora_B.bias is not None:
+                with torch.no_grad():
+                    base_layer.bias.add_(self.lora_B.bias.to(base_layer.bias.dtype), alpha=sign * self.scale)
             if sign > 0:
                 self._codes_before = merge_into_codes(base_layer, self._change(base_layer))
             else:
@@ -251,6 +268,8 @@ class LoRALinear(AddsToOutput):
         weight = base_layer.weight
         A, B = self.lora_A.weight.detach().to(weight.dtype), self.lora_B.weight.detach().to(weight.dtype)
         with torch.no_grad():
+            if self.lora_B.bias is not None:
+                base_layer.bias.add_(self.lora_B.bias.to(base_layer.bias.dtype), alpha=sign * self.scale)
             if self.fan_in_fan_out:  # Conv1D keeps (in, out): add (B A)^T = A^T B^T
                 weight.addmm_(A.t(), B.t(), alpha=sign * self.scale)
             else:
@@ -305,13 +324,16 @@ def build(model: nn.Module, config: LoRAConfig) -> dict[str, DeltaPiece]:
                               f"that weight is quantized ({quant_kind(base)}). Use init='default' or 'gaussian', "
                               "or deltatune.dequantize(model) before attaching.")
         r, scale = config.for_module(path)
+        if config.lora_bias and getattr(base, "bias", None) is None:
+            raise ConfigError(f"lora_bias=True adds a trained bias to {path!r}, but that {type(base).__name__} has no "
+                              "bias to merge it into (as in PEFT). Target only layers with biases, or drop lora_bias.")
         if isinstance(base, nn.Embedding):
             if config.use_dora:
                 raise ConfigError(f"DoRA is supported on Linear and Conv1D targets, not on the embedding {path!r}.")
             out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
             pieces[path] = LoRAEmbedding(base, r, scale, tied=out is not None and out.weight is base.weight)
         else:
-            pieces[path] = LoRALinear(base, r, scale, config.dropout, config.use_dora, config.init)
+            pieces[path] = LoRALinear(base, r, scale, config.dropout, config.use_dora, config.init, config.lora_bias)
         ref = base.weight
         pieces[path].to(dtype=ref.dtype if ref.is_floating_point() else torch.float32)
     _share_inputs(model, pieces)

@@ -10,7 +10,7 @@ LoRA here). For inference a layer keeps one stack of all its LoRA deltas, so bat
 subsets reuse it; a slot is refilled when its weights change (in place or replaced). When the
 weights train, the stacks of the named deltas are built afresh at every call, so gradients flow.
 Reads only a piece's lora_A.weight, lora_B.weight, scale, use_dora and lora_dropout. DoRA pieces
-are left to the per-row path (their update depends on the weight norm).
+(their update depends on the weight norm) and pieces with a lora_bias are left to the per-row path.
 """
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ _STACKS: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionar
 
 
 def accepts(piece) -> bool:
-    return not piece.use_dora and _dropout(piece) is not None
+    return not piece.use_dora and piece.lora_B.bias is None and _dropout(piece) is not None
 
 
 def _dropout(piece) -> float | None:
