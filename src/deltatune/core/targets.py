@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass, field
 
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from .errors import TargetNotFoundError, closest
+from .errors import ConfigError, TargetNotFoundError, closest
 from .layer import DeltaLayer, unwrap
 
 LINEAR_TYPES = (nn.Linear, Conv1D)
@@ -159,3 +160,46 @@ def is_norm(module: nn.Module) -> bool:
     """Whether a module is a normalisation layer: architectures name their norms differently
     (LayerNorm, ln_1, input_layernorm); their classes agree better."""
     return isinstance(module, (nn.LayerNorm, nn.GroupNorm)) or type(module).__name__.endswith(("LayerNorm", "RMSNorm"))
+
+
+@dataclass
+class Targeted:
+    """The targeting options of a config whose deltas go into chosen modules (LoRA, AdaLoRA, LoHa/LoKr,
+    OFT), with PEFT's names for them in adapter_config.json. Mixed into a DeltaConfig subclass, whose
+    __post_init__ calls check_targeting()."""
+    targets: list[str] | str = field(default="all-linear", metadata={
+        "help": "module-name suffixes, a regex on the full path, or 'all-linear' (all but the output head)"})
+    exclude: list[str] | str | None = field(default=None, metadata={
+        "help": "modules not to target: suffixes or a full-path regex, as targets (PEFT's exclude_modules)"})
+    layers: list[int] | int | None = field(default=None, metadata={
+        "help": "only these layer indices (PEFT's layers_to_transform)"})
+    layers_pattern: list[str] | str | None = field(default=None, metadata={
+        "help": "name(s) of the module list the layer index follows, e.g. 'layers' or 'h'; default: the first "
+                "numbered path segment (PEFT's layers_pattern)"})
+
+    def check_targeting(self) -> None:
+        if self.layers_pattern and self.layers is None:
+            raise ConfigError(f"layers_pattern={self.layers_pattern!r} says where to read the layer index, "
+                              "but no layers=[...] are given to select.")
+
+    def target_paths(self, model: nn.Module, types=LINEAR_TYPES) -> list[str]:
+        return find_targets(model, self.targets, self.layers, types=types, exclude=self.exclude,
+                            layers_pattern=self.layers_pattern)
+
+    def peft_targeting(self) -> dict:
+        """PEFT's keys for these options; exclude_modules only when set (peft before 0.14 has no such option)."""
+        d = {"target_modules": self.targets, "layers_to_transform": self.layers, "layers_pattern": self.layers_pattern}
+        if self.exclude:
+            d["exclude_modules"] = self.exclude
+        return d
+
+    @staticmethod
+    def targeting_from_peft(d: dict) -> dict:
+        """Keyword arguments of these options from PEFT's adapter_config.json."""
+        targets, exclude = d.get("target_modules"), d.get("exclude_modules") or None
+        layers = d.get("layers_to_transform")
+        layers = None if layers == [] else layers  # PEFT: an empty list restricts nothing
+        return dict(targets=targets if isinstance(targets, str) else list(targets or []),
+                    exclude=exclude if exclude is None or isinstance(exclude, str) else list(exclude),
+                    layers=layers,  # PEFT reads layers_pattern only beside layers_to_transform
+                    layers_pattern=(d.get("layers_pattern") or None) if layers is not None else None)

@@ -27,14 +27,14 @@ from ..core.layer import unwrap
 from ..core.model import default_loss
 from ..core.pieces import AddsToOutput, DeltaPiece
 from ..core.registry import register
-from ..core.targets import LINEAR_TYPES, find_targets
+from ..core.targets import Targeted
 from ..core.weights import features, oriented, stores_transposed
 
 PATTERN_SUFFIX = ".lora_E"  # PEFT keys a rank pattern by the module's lora_E parameter: "<path>.lora_E"
 
 
 @dataclass
-class AdaLoRAConfig(DeltaConfig, PeftConvertible):
+class AdaLoRAConfig(DeltaConfig, Targeted, PeftConvertible):
     peft_type = "ADALORA"
 
     init_r: int = field(default=12, metadata={"help": "initial rank of every targeted module"})
@@ -53,14 +53,6 @@ class AdaLoRAConfig(DeltaConfig, PeftConvertible):
     alpha: float = field(default=8, metadata={
         "help": "scale numerator: the update is P diag(E) Q * alpha / init_r (PEFT's lora_alpha)"})
     dropout: float = field(default=0.0, metadata={"help": "dropout on the update's input"})
-    targets: list[str] | str = field(default="all-linear", metadata={
-        "help": "module-name suffixes, a regex on the full path, or 'all-linear' (all but the output head)"})
-    exclude: list[str] | str | None = field(default=None, metadata={
-        "help": "modules not to target: suffixes or a full-path regex, as targets (PEFT's exclude_modules)"})
-    layers: list[int] | int | None = field(default=None, metadata={
-        "help": "only these layer indices (PEFT's layers_to_transform)"})
-    layers_pattern: list[str] | str | None = field(default=None, metadata={
-        "help": "name(s) of the module list the layer index follows, e.g. 'layers' (PEFT's layers_pattern)"})
     rank_pattern: dict[str, list[bool]] | None = field(default=None, metadata={
         "help": "the last allocation: {'<module path>.lora_E': kept flag per initial triplet}; set by "
                 "RankAllocator, read from files (a module then holds only its kept triplets)"})
@@ -90,9 +82,7 @@ class AdaLoRAConfig(DeltaConfig, PeftConvertible):
                               "alpha / init_r; PEFT's alpha <= 0 would scale by the rank instead).")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"AdaLoRAConfig dropout must be in [0, 1), got {self.dropout}.")
-        if self.layers_pattern and self.layers is None:
-            raise ConfigError(f"layers_pattern={self.layers_pattern!r} says where to read the layer index, "
-                              "but no layers=[...] are given to select.")
+        self.check_targeting()
         for key, kept in (self.rank_pattern or {}).items():
             if not key.endswith(PATTERN_SUFFIX) or len(kept) != self.init_r:
                 raise ConfigError(f"AdaLoRAConfig rank_pattern entry {key!r} must be '<module path>.lora_E' with "
@@ -111,11 +101,8 @@ class AdaLoRAConfig(DeltaConfig, PeftConvertible):
              "init_r": self.init_r, "target_r": self.target_r, "tinit": self.tinit, "tfinal": self.tfinal,
              "deltaT": self.deltaT, "beta1": self.beta1, "beta2": self.beta2, "orth_reg_weight": self.orth_reg_weight,
              "total_step": total, "rank_pattern": self.rank_pattern, "lora_alpha": self.alpha,
-             "lora_dropout": self.dropout, "target_modules": self.targets, "layers_to_transform": self.layers,
-             "layers_pattern": self.layers_pattern, "modules_to_save": self.modules_to_save,
+             "lora_dropout": self.dropout, **self.peft_targeting(), "modules_to_save": self.modules_to_save,
              "fan_in_fan_out": False, "init_lora_weights": True}
-        if self.exclude:  # written only when set: peft before 0.14 has no such option
-            d["exclude_modules"] = self.exclude
         return d
 
     @classmethod
@@ -125,9 +112,6 @@ class AdaLoRAConfig(DeltaConfig, PeftConvertible):
         for key in ("use_dora", "layer_replication", "target_parameters", "trainable_token_indices"):
             if d.get(key):
                 raise ConfigError(f"PEFT AdaLoRA option {key}={d[key]!r} is not supported by deltatune.")
-        targets, exclude = d.get("target_modules"), d.get("exclude_modules") or None
-        layers = d.get("layers_to_transform")
-        layers = None if layers == [] else layers  # PEFT: an empty list restricts nothing
         pattern = d.get("rank_pattern") or None
         if pattern is not None:  # keys saved during training carry the adapter name: "<path>.lora_E.default"
             pattern = {re.sub(r"\.lora_E(\..*)?$", PATTERN_SUFFIX, k): [bool(b) for b in v] for k, v in pattern.items()}
@@ -135,10 +119,7 @@ class AdaLoRAConfig(DeltaConfig, PeftConvertible):
                    tfinal=d.get("tfinal", 0), deltaT=d.get("deltaT", 1), beta1=d.get("beta1", 0.85),
                    beta2=d.get("beta2", 0.85), orth_reg_weight=d.get("orth_reg_weight", 0.5),
                    total_step=d.get("total_step"), alpha=d.get("lora_alpha", 8), dropout=d.get("lora_dropout", 0.0),
-                   targets=targets if isinstance(targets, str) else list(targets or []),
-                   exclude=exclude if exclude is None or isinstance(exclude, str) else list(exclude),
-                   layers=layers, layers_pattern=(d.get("layers_pattern") or None) if layers is not None else None,
-                   rank_pattern=pattern, modules_to_save=d.get("modules_to_save"))
+                   **cls.targeting_from_peft(d), rank_pattern=pattern, modules_to_save=d.get("modules_to_save"))
 
 
 class AdaLoRALinear(AddsToOutput):
@@ -199,8 +180,7 @@ def adalora_pieces(model, name: str) -> dict[str, AdaLoRALinear]:
 
 def build(model: nn.Module, config: AdaLoRAConfig) -> dict[str, DeltaPiece]:
     pieces = {}
-    for path in find_targets(model, config.targets, config.layers, types=LINEAR_TYPES, exclude=config.exclude,
-                             layers_pattern=config.layers_pattern):
+    for path in config.target_paths(model):
         base = unwrap(model.get_submodule(path))
         kept = config.pattern_for(path)
         rows = config.init_r if kept is None else sum(kept)

@@ -19,28 +19,19 @@ from ..core.mixed import register_batched
 from ..core.pieces import AddsToOutput, DeltaPiece
 from ..core.quantized import dequantized_weight, is_quantized, merge_into_codes, quant_kind, restore_codes
 from ..core.registry import register
-from ..core.targets import LINEAR_TYPES, find_targets, pattern_value
+from ..core.targets import LINEAR_TYPES, Targeted, pattern_value
 from ..core.weights import oriented, stores_transposed
 from . import lora_batched, lora_init
 from .lora_kernels import SAME_INPUT, AddLoRA, SharedInput, can_add_in_place, project
 
 
 @dataclass
-class LoRAConfig(DeltaConfig, PeftConvertible):
+class LoRAConfig(DeltaConfig, Targeted, PeftConvertible):
     peft_type = "LORA"
 
     r: int = field(default=8, metadata={"help": "rank of the update B A"})
     alpha: float = field(default=16, metadata={"help": "scale numerator: the update is (alpha/r) B A"})
     dropout: float = field(default=0.0, metadata={"help": "dropout on the LoRA branch's input"})
-    targets: list[str] | str = field(default="all-linear", metadata={
-        "help": "module-name suffixes, a regex on the full path, or 'all-linear' (all but the output head)"})
-    exclude: list[str] | str | None = field(default=None, metadata={
-        "help": "modules not to target: suffixes or a full-path regex, as targets (PEFT's exclude_modules)"})
-    layers: list[int] | int | None = field(default=None, metadata={
-        "help": "only these layer indices (PEFT's layers_to_transform)"})
-    layers_pattern: list[str] | str | None = field(default=None, metadata={
-        "help": "name(s) of the module list the layer index follows, e.g. 'layers' or 'h'; default: the first "
-                "numbered path segment (PEFT's layers_pattern)"})
     rank_pattern: dict[str, int] | None = field(default=None, metadata={"help": "{module regex: rank}"})
     alpha_pattern: dict[str, float] | None = field(default=None, metadata={"help": "{module regex: alpha}"})
     use_rslora: bool = field(default=False, metadata={"help": "scale alpha/sqrt(r) (Kalajdzievski 2023)"})
@@ -74,9 +65,7 @@ class LoRAConfig(DeltaConfig, PeftConvertible):
             raise ConfigError(f"LoRA rank r must be >= 1, got {self.r}.")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"LoRA dropout must be in [0, 1), got {self.dropout}.")
-        if self.layers_pattern and self.layers is None:
-            raise ConfigError(f"layers_pattern={self.layers_pattern!r} says where to read the layer index, "
-                              "but no layers=[...] are given to select.")
+        self.check_targeting()
         lora_init.check(self.init, self.eva_config, self.use_dora)
         if self.lora_bias and (self.use_dora or self.init not in ("default", "gaussian")):
             raise ConfigError(f"lora_bias=True works with plain LoRA and init 'default' or 'gaussian' (as in PEFT), not "
@@ -92,16 +81,13 @@ class LoRAConfig(DeltaConfig, PeftConvertible):
         d = {
             "peft_type": "LORA", "task_type": None, "inference_mode": True, "bias": "none",
             "r": self.r, "lora_alpha": self.alpha, "lora_dropout": self.dropout,
-            "target_modules": self.targets, "layers_to_transform": self.layers, "layers_pattern": self.layers_pattern,
-            "rank_pattern": self.rank_pattern or {}, "alpha_pattern": self.alpha_pattern or {},
+            **self.peft_targeting(), "rank_pattern": self.rank_pattern or {}, "alpha_pattern": self.alpha_pattern or {},
             "use_rslora": self.use_rslora, "use_dora": self.use_dora, "modules_to_save": self.modules_to_save,
             "fan_in_fan_out": False, "init_lora_weights": lora_init.peft_value(self.init),
         }
         if self.init == "eva":
             d["eva_config"] = lora_init.eva_options(self.eva_config)
-        if self.exclude:  # written only when set: peft before 0.14 has no such option
-            d["exclude_modules"] = self.exclude
-        if self.lora_bias:  # likewise (peft 0.14)
+        if self.lora_bias:  # written only when set: peft before 0.14 has no such option
             d["lora_bias"] = True
         return d
 
@@ -112,15 +98,8 @@ class LoRAConfig(DeltaConfig, PeftConvertible):
         for key in ("use_qalora", "use_bdlora", "target_parameters", "layer_replication", "trainable_token_indices"):
             if d.get(key):
                 raise ConfigError(f"PEFT LoRA option {key}={d[key]!r} is not supported by deltatune.")
-        targets, exclude = d.get("target_modules"), d.get("exclude_modules") or None
-        layers = d.get("layers_to_transform")
-        layers = None if layers == [] else layers  # PEFT: an empty list restricts nothing
-        pattern = (d.get("layers_pattern") or None) if layers is not None else None  # PEFT: unused without layers
         return cls(r=d.get("r", 8), alpha=d.get("lora_alpha", 8), dropout=d.get("lora_dropout", 0.0),
-                   targets=targets if isinstance(targets, str) else list(targets or []),
-                   exclude=exclude if exclude is None or isinstance(exclude, str) else list(exclude),
-                   layers=layers, layers_pattern=pattern,
-                   rank_pattern=d.get("rank_pattern") or None,
+                   **cls.targeting_from_peft(d), rank_pattern=d.get("rank_pattern") or None,
                    alpha_pattern=d.get("alpha_pattern") or None, use_rslora=d.get("use_rslora", False),
                    use_dora=d.get("use_dora", False), lora_bias=bool(d.get("lora_bias", False)),
                    modules_to_save=d.get("modules_to_save"),
@@ -314,8 +293,7 @@ class LoRAEmbedding(AddsToOutput):
 
 def build(model: nn.Module, config: LoRAConfig) -> dict[str, DeltaPiece]:
     pieces = {}
-    paths = find_targets(model, config.targets, config.layers, types=(*LINEAR_TYPES, nn.Embedding),
-                         exclude=config.exclude, layers_pattern=config.layers_pattern)
+    paths = config.target_paths(model, types=(*LINEAR_TYPES, nn.Embedding))
     for path in paths:
         base = unwrap(model.get_submodule(path))
         lora_init.check_target(model.get_submodule(path), path, config.init)

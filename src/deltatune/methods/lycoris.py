@@ -20,12 +20,12 @@ from ..core.config import DeltaConfig
 from ..core.errors import ConfigError
 from ..core.layer import unwrap
 from ..core.pieces import AddsToOutput
-from ..core.targets import LINEAR_TYPES, find_targets, pattern_value
+from ..core.targets import Targeted, pattern_value
 from ..core.weights import oriented, stores_transposed, weight_out_in
 
 
 @dataclass
-class LycorisConfig(DeltaConfig):
+class LycorisConfig(DeltaConfig, Targeted):
     """Options of LoHa and LoKr (not a method itself: LoHaConfig and LoKrConfig derive from it)."""
     recommended_lr = 1e-2  # LoHa and LoKr on MiniLM + SMS spam, chosen on the training loss (docs/lycoris.md)
 
@@ -35,14 +35,6 @@ class LycorisConfig(DeltaConfig):
         "help": "training only: each output row of the change is dropped with this probability"})
     module_dropout: float = field(default=0.0, metadata={
         "help": "training only: the whole change of a module is skipped for a batch with this probability"})
-    targets: list[str] | str = field(default="all-linear", metadata={
-        "help": "module-name suffixes, a regex on the full path, or 'all-linear' (all but the output head)"})
-    exclude: list[str] | str | None = field(default=None, metadata={
-        "help": "modules not to target: suffixes or a full-path regex, as targets (PEFT's exclude_modules)"})
-    layers: list[int] | int | None = field(default=None, metadata={
-        "help": "only these layer indices (PEFT's layers_to_transform)"})
-    layers_pattern: list[str] | str | None = field(default=None, metadata={
-        "help": "name(s) of the module list the layer index follows, e.g. 'layers' or 'h' (PEFT's layers_pattern)"})
     rank_pattern: dict[str, int] | None = field(default=None, metadata={"help": "{module regex: rank}"})
     alpha_pattern: dict[str, float] | None = field(default=None, metadata={"help": "{module regex: alpha}"})
     init_weights: bool = field(default=True, metadata={
@@ -58,45 +50,30 @@ class LycorisConfig(DeltaConfig):
             p = getattr(self, option)
             if not 0.0 <= p < 1.0:
                 raise ConfigError(f"{name}.{option} is a probability in [0, 1), got {p}; use 0 to turn it off.")
-        if self.layers_pattern and self.layers is None:
-            raise ConfigError(f"layers_pattern={self.layers_pattern!r} says where to read the layer index, "
-                              "but no layers=[...] are given to select.")
+        self.check_targeting()
 
     def for_module(self, path: str) -> tuple[int, float]:
         """(rank, scale alpha / rank) of the module at `path`, after rank_pattern and alpha_pattern."""
         r = int(pattern_value(self.rank_pattern, path, self.r))
         return r, float(pattern_value(self.alpha_pattern, path, self.alpha)) / r
 
-    def target_paths(self, model: nn.Module) -> list[str]:
-        return find_targets(model, self.targets, self.layers, types=LINEAR_TYPES, exclude=self.exclude,
-                            layers_pattern=self.layers_pattern)
-
     # -- PEFT's adapter_config.json ------------------------------------------
     def peft_common(self) -> dict:
         """The keys PEFT's LycorisConfig subclasses share, with this config's values."""
         d = {"task_type": None, "inference_mode": True, "r": self.r, "alpha": self.alpha,
              "rank_dropout": self.rank_dropout, "module_dropout": self.module_dropout,
-             "use_effective_conv2d": False, "target_modules": self.targets, "init_weights": self.init_weights,
-             "layers_to_transform": self.layers, "layers_pattern": self.layers_pattern,
+             "use_effective_conv2d": False, **self.peft_targeting(), "init_weights": self.init_weights,
              "rank_pattern": self.rank_pattern or {}, "alpha_pattern": self.alpha_pattern or {},
              "modules_to_save": self.modules_to_save}
-        if self.exclude:  # written only when set, as for LoRA
-            d["exclude_modules"] = self.exclude
         return d
 
     @staticmethod
     def common_from_peft(d: dict) -> dict:
         """Keyword arguments of the shared options from PEFT's adapter_config.json. PEFT's
         use_effective_conv2d changes only Conv1d/Conv2d layers, which these methods do not target."""
-        targets, exclude = d.get("target_modules"), d.get("exclude_modules") or None
-        layers = d.get("layers_to_transform")
-        layers = None if layers == [] else layers  # PEFT: an empty list restricts nothing
         return dict(r=d.get("r", 8), alpha=d.get("alpha", 8), rank_dropout=d.get("rank_dropout", 0.0),
                     module_dropout=d.get("module_dropout", 0.0),
-                    targets=targets if isinstance(targets, str) else list(targets or []),
-                    exclude=exclude if exclude is None or isinstance(exclude, str) else list(exclude),
-                    layers=layers, layers_pattern=(d.get("layers_pattern") or None) if layers is not None else None,
-                    rank_pattern=d.get("rank_pattern") or None, alpha_pattern=d.get("alpha_pattern") or None,
+                    **Targeted.targeting_from_peft(d), rank_pattern=d.get("rank_pattern") or None, alpha_pattern=d.get("alpha_pattern") or None,
                     init_weights=d.get("init_weights", True), modules_to_save=d.get("modules_to_save"))
 
 

@@ -31,12 +31,12 @@ from ..core.errors import ConfigError
 from ..core.layer import unwrap
 from ..core.pieces import AddsToOutput
 from ..core.registry import register
-from ..core.targets import LINEAR_TYPES, find_targets
+from ..core.targets import LINEAR_TYPES, Targeted
 from ..core.weights import features, oriented, stores_transposed
 
 
 @dataclass
-class OFTConfig(DeltaConfig, PeftConvertible):
+class OFTConfig(DeltaConfig, Targeted, PeftConvertible):
     peft_type = "OFT"
     recommended_lr = 3e-3  # MiniLM + SMS spam, block 32, chosen on the training loss (docs/vera_oft.md)
 
@@ -44,15 +44,6 @@ class OFTConfig(DeltaConfig, PeftConvertible):
         "help": "blocks per module (0: follows from block_size); set r or block_size, not both"})
     block_size: int = field(default=32, metadata={
         "help": "size of each orthogonal block (0: follows from r); PEFT's oft_block_size"})
-    targets: list[str] | str = field(default="all-linear", metadata={
-        "help": "module-name suffixes, a regex on the full path, or 'all-linear' (all but the output head); "
-                "Linear, GPT-2 Conv1D and Embedding modules"})
-    exclude: list[str] | str | None = field(default=None, metadata={
-        "help": "modules not to target, in the forms of targets (PEFT's exclude_modules)"})
-    layers: list[int] | int | None = field(default=None, metadata={
-        "help": "only these layer indices (PEFT's layers_to_transform)"})
-    layers_pattern: list[str] | str | None = field(default=None, metadata={
-        "help": "name(s) of the module list the layer index follows, e.g. 'layers' (PEFT's layers_pattern)"})
     coft: bool = field(default=False, metadata={"help": "constrained OFT: keep each block's S within radius eps"})
     eps: float = field(default=6e-5, metadata={"help": "COFT's radius (before the 1/sqrt(blocks) scaling)"})
     block_share: bool = field(default=False, metadata={"help": "one trained block used for every block"})
@@ -74,16 +65,12 @@ class OFTConfig(DeltaConfig, PeftConvertible):
         if self.use_cayley_neumann and self.num_cayley_neumann_terms < 2:
             raise ConfigError(f"num_cayley_neumann_terms={self.num_cayley_neumann_terms} keeps R = I (nothing would "
                               "train); use >= 2 terms (default 5) or use_cayley_neumann=False.")
-        if self.layers_pattern and self.layers is None:
-            raise ConfigError(f"layers_pattern={self.layers_pattern!r} says where to read the layer index, "
-                              "but no layers=[...] are given to select.")
+        self.check_targeting()
 
     # -- PEFT's adapter_config.json ------------------------------------------
     def to_peft_dict(self) -> dict:
         return {"peft_type": "OFT", "task_type": None, "inference_mode": True, "bias": "none",
-                "r": self.r, "oft_block_size": self.block_size, "target_modules": self.targets,
-                "exclude_modules": self.exclude, "layers_to_transform": self.layers,
-                "layers_pattern": self.layers_pattern, "coft": self.coft, "eps": self.eps,
+                "r": self.r, "oft_block_size": self.block_size, **self.peft_targeting(), "coft": self.coft, "eps": self.eps,
                 "block_share": self.block_share, "module_dropout": self.module_dropout,
                 "use_cayley_neumann": self.use_cayley_neumann,
                 "num_cayley_neumann_terms": self.num_cayley_neumann_terms,
@@ -101,14 +88,8 @@ class OFTConfig(DeltaConfig, PeftConvertible):
             warnings.warn(f"This OFT file was written by PEFT {d['peft_version']}, whose Cayley-Neumann series "
                           "differs slightly from PEFT 0.18's, which deltatune follows (as PEFT 0.21 does): "
                           "outputs may differ a little from the trained ones.", stacklevel=3)
-        targets, exclude = d.get("target_modules"), d.get("exclude_modules") or None
-        layers = d.get("layers_to_transform")
-        layers = None if layers == [] else layers  # PEFT: an empty list restricts nothing
         return cls(r=d.get("r", 0), block_size=d["oft_block_size"],
-                   targets=targets if isinstance(targets, str) else list(targets or []),
-                   exclude=exclude if exclude is None or isinstance(exclude, str) else list(exclude),
-                   layers=layers, layers_pattern=(d.get("layers_pattern") or None) if layers is not None else None,
-                   coft=d.get("coft", False), eps=d.get("eps", 6e-5), block_share=d.get("block_share", False),
+                   **cls.targeting_from_peft(d), coft=d.get("coft", False), eps=d.get("eps", 6e-5), block_share=d.get("block_share", False),
                    module_dropout=d.get("module_dropout", 0.0), use_cayley_neumann=d.get("use_cayley_neumann", True),
                    num_cayley_neumann_terms=d.get("num_cayley_neumann_terms", 5),
                    modules_to_save=d.get("modules_to_save"))
@@ -298,8 +279,7 @@ class OFTEmbedding(AddsToOutput):
 
 
 def build(model: nn.Module, config: OFTConfig) -> dict:
-    paths = find_targets(model, config.targets, config.layers, types=(*LINEAR_TYPES, nn.Embedding),
-                         exclude=config.exclude, layers_pattern=config.layers_pattern)
+    paths = config.target_paths(model, types=(*LINEAR_TYPES, nn.Embedding))
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     pieces = {}
     for path in paths:
