@@ -380,3 +380,31 @@ def test_multitask_evaluate_scores_each_task_with_its_own_head(tmp_path):
                                       "recipe": {"name": "multitask", "main_name": "sms",
                                                  "tasks": [{"name": "news", "data": {"source": "bbc_news"}}]}}),
                  final)
+
+
+# ---- instruction tuning and IPT: what the SmolLM2 example reports ------------------------------------
+ROOT = Path(__file__).parent.parent
+
+
+def test_ipt_reports_in_context_learning_with_the_same_demonstrations(tmp_path):
+    from deltatune.recipes.common import phase_config
+    from deltatune.recipes.ipt import demonstration_prefixes
+    from deltatune.recipes.pet import cloze_job
+
+    cfg, res = tiny_run(ROOT / "examples/ipt.yaml", tmp_path, ["train.max_steps=3", "train.lr=0.5"])
+    assert set(res["icl"]) == set(res["test"]) and res["before"] != res["test"]  # the prompt trained
+    # ICL is the base model with the demonstrations alone: whatever soft prompt the model carries
+    job = cloze_job(cfg, cfg.recipe_options, demonstration_prefixes(cfg, cfg.recipe_options), delta_dir=res["delta"])
+    with job.model.disabled():
+        assert_same_metrics(job.trainer(phase_config(cfg, save=False)).evaluate(job.test), res["icl"])
+
+
+def test_instruction_tuning_scored_by_exact_match_of_greedy_answers(tmp_path):
+    cfg, res = tiny_run(ROOT / "examples/instruction.yaml", tmp_path,
+                        ["recipe.scoring=generate", "recipe.evaluate_seen=true", "recipe.max_new_tokens=3"])
+    assert res["scoring"] == "generate"
+    assert set(res["zero_shot_before"]) == set(res["zero_shot_after"]) == {"spam_exact_match"}
+    assert set(res["seen_before"]) == set(res["seen_after"]) == {"topic_exact_match", "is_sport_exact_match"}
+    assert_same_metrics(evaluate(cfg, res["delta"]), {**res["zero_shot_after"], **res["seen_after"]})
+    with pytest.raises(ConfigError, match="recipe.scoring must be rank"):
+        tiny_run(ROOT / "examples/instruction.yaml", tmp_path, ["recipe.scoring=exact"])

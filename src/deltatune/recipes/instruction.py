@@ -5,9 +5,11 @@ evaluated zero-shot on held-out tasks that training never saw.
 A task is a dataset plus an instruction, a template and, for classification data, the
 answer text of each label (`answers`), or a column with free-text answers (`target_key`).
 Classification tasks are scored by rank classification (the answer option with the highest
-log-likelihood wins, as FLAN does); free-text tasks by exact match of greedy generations."""
+log-likelihood wins, as FLAN does), or with `scoring: generate` by exact match of the greedy answer
+(what a user of the chat model sees); free-text tasks always by exact match of greedy generations."""
 from __future__ import annotations
 
+import functools
 import random
 from dataclasses import dataclass, field
 
@@ -48,8 +50,13 @@ class InstructionOptions:
     held_out: list[str] = field(default_factory=list)  # task names evaluated zero-shot only
     max_eval: int = 200                                # evaluation examples per task
     evaluate_seen: bool = False                        # also score the training tasks' eval rows
+    scoring: str = "rank"                              # classification tasks: rank | generate (exact match)
+    max_new_tokens: int = 8                            # greedy answer length for generate / free-text tasks
 
     def __post_init__(self):
+        if self.scoring not in ("rank", "generate"):
+            raise ConfigError(f"recipe.scoring must be rank (the likeliest answer option) or generate (exact match of "
+                              f"the greedy answer), got {self.scoring!r}.")
         names = [t.name for t in self.tasks]
         unknown = [h for h in self.held_out if h not in names]
         if unknown or not self.held_out:
@@ -100,14 +107,16 @@ def rank_classify(model, tokenizer, prompts: list[str], options: list[str], syst
     return per.argmax(-1).tolist()
 
 
-def evaluate_tasks(model, tok, tasks, evals, system=None) -> dict:
-    """Zero-shot-style scores of each task on its evaluation rows."""
+def evaluate_tasks(model, tok, tasks, evals, system=None, scoring="rank", max_new_tokens=8) -> dict:
+    """Zero-shot-style scores of each task on its evaluation rows: `<task>_accuracy` by rank
+    classification, or `<task>_exact_match` of greedy answers (free-text tasks; every task with
+    scoring="generate")."""
     model.eval()  # greedy generation and rank classification without dropout
     out = {}
     for task in tasks:
         rows = evals[task.name]
         prompts = [prompt_of(task, e) for e in rows]
-        if task.answers:
+        if task.answers and scoring == "rank":
             options = list(dict.fromkeys(task.answers))
             preds = rank_classify(model, tok, prompts, options, system)
             gold = [options.index(answer_of(task, e)) for e in rows]
@@ -118,7 +127,7 @@ def evaluate_tasks(model, tok, tasks, evals, system=None) -> dict:
             device = next(model.parameters()).device  # after training: the Trainer's device
             for i in range(0, len(feats), 16):
                 batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in collate(feats[i:i + 16]).items()}
-                preds += generate_texts(model, tok, batch, 32)
+                preds += generate_texts(model, tok, batch, max_new_tokens)
             out[f"{task.name}_exact_match"] = exact_match(preds, [answer_of(task, e) for e in rows])
     return out
 
@@ -154,13 +163,17 @@ def run(cfg) -> dict:
     job = Job(model, tok, sft, tokenize_sft(tok, train, sft.max_length, system=sft.system),
               tokenize_sft(tok, seen_eval, sft.max_length, system=sft.system), Collator(tok.pad_token_id),
               make_lm_eval(shift=True))
-    result = {"held_out": [t.name for t in held], "train_examples": len(train)}
+    result = {"held_out": [t.name for t in held], "train_examples": len(train), "scoring": opts.scoring}
+    score = functools.partial(evaluate_tasks, model, tok, evals=evals, system=sft.system, scoring=opts.scoring,
+                              max_new_tokens=opts.max_new_tokens)
     with model.disabled():
-        result["zero_shot_before"] = evaluate_tasks(model, tok, held, evals, sft.system)
+        result["zero_shot_before"] = score(held)
+        if opts.evaluate_seen:
+            result["seen_before"] = score(seen)
     result["fit"] = fit(job, phase_config(cfg))
-    result["zero_shot_after"] = evaluate_tasks(model, tok, held, evals, sft.system)
+    result["zero_shot_after"] = score(held)
     if opts.evaluate_seen:
-        result["seen_after"] = evaluate_tasks(model, tok, seen, evals, sft.system)
+        result["seen_after"] = score(seen)
     result["delta"] = save_final(model, cfg.output_dir)
     return result
 
@@ -171,9 +184,12 @@ def evaluate(cfg, delta_dir) -> dict:
     tok, sft, seen, held, _, evals, _ = instruction_setup(cfg)
     model = DeltaModel.from_pretrained(build_base(cfg, sft, tok), delta_dir)
     model.to(make_accelerator(cfg.train.mixed_precision, cfg.train.use_cpu).device)  # where run() scores it
-    out = evaluate_tasks(model, tok, held, evals, sft.system)
-    if cfg.recipe_options.evaluate_seen:
-        out.update(evaluate_tasks(model, tok, seen, evals, sft.system))
+    opts = cfg.recipe_options
+    score = functools.partial(evaluate_tasks, model, tok, evals=evals, system=sft.system, scoring=opts.scoring,
+                              max_new_tokens=opts.max_new_tokens)
+    out = score(held)
+    if opts.evaluate_seen:
+        out.update(score(seen))
     return out
 
 

@@ -57,9 +57,15 @@ def demonstration_prefixes(cfg, opts) -> tuple[list[str], list[str]]:
 
 
 def run(cfg) -> dict:
+    """PET's results, plus `icl`: plain in-context learning, the same demonstrations without the soft
+    prompt, on the reported split (test, else validation), as `before` (the untrained prompt) is."""
     opts = cfg.recipe_options
     job = cloze_job(cfg, opts, demonstration_prefixes(cfg, opts))
-    result = fit(job, phase_config(cfg))
+    icl = None
+    if job.test or job.validation:
+        with job.model.disabled():
+            icl = job.trainer(phase_config(cfg, save=False)).evaluate(job.test or job.validation)
+    result = {"icl": icl, **fit(job, phase_config(cfg))}
     result["delta"] = save_final(job.model, cfg.output_dir)
     result["k"] = opts.k
     return result
