@@ -402,9 +402,11 @@ def test_ipt_reports_in_context_learning_with_the_same_demonstrations(tmp_path):
 def test_instruction_tuning_scored_by_exact_match_of_greedy_answers(tmp_path):
     cfg, res = tiny_run(ROOT / "examples/instruction.yaml", tmp_path,
                         ["recipe.scoring=generate", "recipe.evaluate_seen=true", "recipe.max_new_tokens=3"])
+    rank = tiny_run(ROOT / "examples/instruction.yaml", tmp_path / "rank", ["recipe.scoring=rank"])[1]
+    assert set(rank["zero_shot_after"]) == {"is_politics_accuracy"}
     assert res["scoring"] == "generate"
-    assert set(res["zero_shot_before"]) == set(res["zero_shot_after"]) == {"spam_exact_match"}
-    assert set(res["seen_before"]) == set(res["seen_after"]) == {"topic_exact_match", "is_sport_exact_match"}
+    assert set(res["zero_shot_before"]) == set(res["zero_shot_after"]) == {"is_politics_exact_match"}
+    assert set(res["seen_before"]) == set(res["seen_after"]) == {"spam_exact_match", "topic_exact_match"}
     assert_same_metrics(evaluate(cfg, res["delta"]), {**res["zero_shot_after"], **res["seen_after"]})
     with pytest.raises(ConfigError, match="recipe.scoring must be rank"):
         tiny_run(ROOT / "examples/instruction.yaml", tmp_path, ["recipe.scoring=exact"])
