@@ -125,10 +125,12 @@ def test_only_must_name_methods_of_the_comparison(tmp_path):
         compare(_config(tmp_path), only=["lorra"])
 
 
-def test_the_example_comparison_runs_on_a_tiny_model(tmp_path):
+@pytest.mark.parametrize("example", sorted((Path(__file__).parent.parent / "examples" / "compare").glob("*.yaml")),
+                         ids=lambda p: p.stem)
+def test_the_example_comparisons_run_on_a_tiny_model(example, tmp_path):
     small = [f"output_dir={tmp_path}", "model.tiny=true", "seeds=[0]", "isolate=false", "train.max_steps=2",
              "data.max_train=32", "data.max_eval=16", "task.max_length=24", "train.progress=false"]
-    comp = load_comparison(Path(__file__).parent.parent / "examples" / "compare" / "sms.yaml", small)
+    comp = load_comparison(example, small)
     assert len(comp.methods) >= 10 and comp.metric == "accuracy"
     result = compare(comp, only=["head_only", "ia3"], log=lambda _: None)
     assert [r["method"] for r in result["rows"]] == ["head_only", "ia3"]
