@@ -3,6 +3,7 @@
 References: peft (same vectors in -> same logits, losses, generations and files), greedy
 decoding recomputed from full forwards without a cache, and the un-checkpointed model
 for gradient checkpointing."""
+import dataclasses
 import json
 import shutil
 import warnings
@@ -607,3 +608,27 @@ def test_multi_task_prompt_is_shared(tmp_path):
         loaded = dt.DeltaModel.from_pretrained(fresh, tmp_path / "mt" / task)
         b = batch("bert")
         torch.testing.assert_close(logits(loaded, b), logits(mt[task], b))
+
+
+def test_p_tuning_and_prefix_train_berts_pooler_with_the_head():
+    for config in (dt.PTuningConfig(), dt.PrefixConfig(num_virtual_tokens=4)):
+        model = dt.attach(bert(), config)
+        assert {"classifier", "bert.pooler"} <= set(model.pieces_of("default")), type(config).__name__
+        chosen = dt.attach(bert(), dataclasses.replace(config, modules_to_save=["classifier"]))
+        assert "bert.pooler" not in chosen.pieces_of("default")
+
+
+def test_a_run_config_s_p_tuning_template_places_the_prompt_after_cls(tmp_path):
+    from deltatune.config_file import load_run_config
+    from deltatune.recipes.common import task_job
+
+    cfg = load_run_config(raw={"output_dir": str(tmp_path), "model": {"path": "minilm", "tiny": True},
+                               "delta": {"method": "p_tuning", "template": "[P][P] {text} [P]"},
+                               "data": {"source": "sms_spam", "max_train": 8, "max_eval": 4},
+                               "task": {"type": "classification", "max_length": 24}})
+    job = task_job(cfg)
+    for split in (job.train, job.validation, job.test):
+        for f in split:
+            ids = f["input_ids"]
+            assert ids[0] == job.tokenizer.cls_token_id and ids[1:3] == [-1, -1] and ids.count(-1) == 3
+            assert isinstance(f["labels"], int)

@@ -70,10 +70,20 @@ def build_base(cfg, task: TaskConfig, tokenizer, labels: list[str] | None = None
     return model
 
 
-def featurize(tokenizer, task: TaskConfig, examples, for_eval=False):
+def featurize(tokenizer, task: TaskConfig, examples, for_eval=False, templated=None):
+    """Features of one split. templated: the config of a delta whose template places the inputs
+    (P-tuning's "[P]... {text}"): classification features are its tokenize's, so the prompt vectors
+    sit where the template says (after [CLS], which the classifier reads), not in front of everything."""
     if not examples:  # an empty split (no test file, a validation share too small to hold a row)
         return []
+    if templated is not None and task.type == "classification":
+        return templated.tokenize(tokenizer, examples, task.max_length, task.label_key)
     return task_type(task).featurize(tokenizer, examples, task, for_eval)
+
+
+def templated_config(model):
+    """The config of the model's delta that encodes its own inputs from a template (P-tuning), if any."""
+    return next((c for c in getattr(model, "configs", {}).values() if callable(getattr(c, "tokenize", None))), None)
 
 
 def task_job(cfg, data: DataConfig | None = None, task: TaskConfig | None = None, delta=None,
@@ -93,10 +103,10 @@ def task_job(cfg, data: DataConfig | None = None, task: TaskConfig | None = None
         model = DeltaModel.from_pretrained(base, delta_dir)
     else:
         model = attach(base, delta or cfg.delta_config())
-    kind = task_type(task)
-    return Job(model, tok, task, featurize(tok, task, splits.train), featurize(tok, task, splits.validation, True),
-               kind.collator(tok, task), kind.eval_fn(tok, task), labels=names,
-               test=featurize(tok, task, splits.test, for_eval=True))
+    kind, templated = task_type(task), templated_config(model)
+    return Job(model, tok, task, featurize(tok, task, splits.train, templated=templated),
+               featurize(tok, task, splits.validation, True, templated), kind.collator(tok, task),
+               kind.eval_fn(tok, task), labels=names, test=featurize(tok, task, splits.test, True, templated))
 
 
 def phase_config(cfg, sub: str | None = None, **changes) -> TrainConfig:
