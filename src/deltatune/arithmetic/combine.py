@@ -28,12 +28,13 @@ PRUNING = ("ties", "dare_linear", "dare_ties", "magnitude_prune")
 
 def combine(model, names, weights, method: str = "linear", into: str = "combined", density: float | None = None,
             rank=None, energy: float = 0.9, seed: int = 0, majority_sign: str = "total",
-            trainable: bool = False, lora_bias: bool = False) -> Result:
+            trainable: bool = False, lora_bias: bool | None = False) -> Result:
     """Attach `into` as the combination of deltas `names` with `weights` (negative: subtract) under
     `method` (module docstring; rules in arithmetic/rules.py). `density`: share kept by ties, dare_*
     and magnitude_prune; `rank`: write the result as a LoRA of this rank ("auto": per module, the
     smallest keeping `energy` of its change); `seed`: DARE's masks; `lora_bias`: a LoRA result also
-    carries the changes of its Linear modules' biases (PEFT's lora_bias) instead of leaving them out."""
+    carries the changes of its Linear modules' biases (PEFT's lora_bias) instead of leaving them out
+    (None: when every module it would hold has a bias, svd.bias_fits)."""
     names, weights = _checked(model, names, weights, method, density, rank, energy, majority_sign)
     factors = [lora_factors(model, n) for n in names]
     changes = [weight_changes(model, n) for n in names]
@@ -49,6 +50,8 @@ def combine(model, names, weights, method: str = "linear", into: str = "combined
         ranks = [max(int(b.shape[1]) for b, _ in f.values()) for f in factors if f]
         if rank is None and not ranks:
             raise ConfigError("method='svd' needs rank=R (or 'auto') when no input is a LoRA to take it from.")
+        if lora_bias is None:
+            lora_bias = bias_fits(model, combined)
         return lora_from_changes(model, into, combined, rank or max(ranks), energy, _heads(model, names),
                                  trainable, method, lora_bias)
     full = all(type(model.configs[n]) is FullConfig for n in names)
@@ -62,8 +65,6 @@ def to_lora(model, name: str, rank=16, into: str | None = None, energy: float = 
     BitFit, DoRA, LoHa, LoKr, OFT, IA3, VeRA, diff pruning, intrinsic) as `into` (default "<name>_lora").
     lora_bias: carry the changes of Linear biases in PEFT's lora_bias (None: when the delta changes one
     and every module the LoRA would hold has a bias, as PEFT's lora_bias needs)."""
-    if lora_bias is None:
-        lora_bias = bias_fits(model, weight_changes(model, name))
     return combine(model, [name], [1.0], method="svd", rank=rank, energy=energy, into=into or f"{name}_lora",
                    lora_bias=lora_bias)
 
