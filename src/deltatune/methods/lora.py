@@ -231,11 +231,12 @@ class LoRALinear(AddsToOutput):
 
     def fold(self, base_layer, sign):
         """W += sign * s * B A with one addmm_ into the weight (no (out, in) temporary); not DoRA.
-        On a quantized base: W + dW is quantized again, and unmerging puts the old codes back."""
+        On a quantized base: W + dW is quantized again, and unmerging puts the old codes back.
+        A lora_bias adds sign * s * b to the base bias (never with DoRA, which returns False below)."""
+        if self.lora_B.bias is not None:
+            with torch.no_grad():
+                base_layer.bias.add_(self.lora_B.bias.to(base_layer.bias.dtype), alpha=sign * self.scale)
         if is_quantized(base_layer):
-            if self.lora_B.bias is not None:
-                with torch.no_grad():
-                    base_layer.bias.add_(self.lora_B.bias.to(base_layer.bias.dtype), alpha=sign * self.scale)
             if sign > 0:
                 self._codes_before = merge_into_codes(base_layer, self._change(base_layer))
             else:
@@ -247,8 +248,6 @@ class LoRALinear(AddsToOutput):
         weight = base_layer.weight
         A, B = self.lora_A.weight.detach().to(weight.dtype), self.lora_B.weight.detach().to(weight.dtype)
         with torch.no_grad():
-            if self.lora_B.bias is not None:
-                base_layer.bias.add_(self.lora_B.bias.to(base_layer.bias.dtype), alpha=sign * self.scale)
             if self.fan_in_fan_out:  # Conv1D keeps (in, out): add (B A)^T = A^T B^T
                 weight.addmm_(A.t(), B.t(), alpha=sign * self.scale)
             else:
