@@ -133,6 +133,60 @@ def test_sft_truncates_the_prompt_not_the_answer(chat_tok):
     assert chat_tok.decode(kept).startswith("The answer")
 
 
+def test_labelled_rows_become_text_pairs_with_template_and_answers(chat_tok):
+    from deltatune.data.tasks import task_type
+    rows = [{"text": "WIN a prize now", "label": 1}, {"text": "see you at 5", "label": np.int64(0)}]
+    cfg = TaskConfig(type="sft", max_length=64, template="Is this text message spam? {text}", answers=["no", "yes"])
+    feats = task_type(cfg).featurize(chat_tok, rows, cfg, True)
+    assert [f["reference"] for f in feats] == ["yes", "no"]
+    prompt = chat_tok.decode(feats[0]["prompt_ids"])
+    assert "Is this text message spam? WIN a prize now<|im_end|>" in prompt
+    kept = [t for t, lab in zip(feats[1]["input_ids"], feats[1]["labels"]) if lab != IGNORE]
+    assert chat_tok.decode(kept) == "no<|im_end|>\n"
+    # without a template the text column is the prompt; seq2seq fills source and target the same way
+    plain = TaskConfig(type="sft", answers=["ham", "spam"])
+    assert task_type(plain).featurize(chat_tok, rows[:1], plain, True)[0]["reference"] == "spam"
+    s2s = TaskConfig(type="seq2seq", template="spam? {text}", answers=["no", "yes"])
+    (f,) = task_type(s2s).featurize(chat_tok, rows[:1], s2s, True)
+    assert f["reference"] == "yes" and chat_tok.decode(f["input_ids"]) == "spam? WIN a prize now"
+
+
+@pytest.mark.parametrize("cfg, rows, message", [
+    (dict(type="sft", template="{txt}"), [{"text": "a", "label": 0}], "column 'txt'"),
+    (dict(type="sft", template="{0}"), [{"text": "a", "label": 0}], "not a valid format string"),
+    (dict(type="sft", answers=["no"]), [{"text": "a", "label": 1}], "one answer per label id"),
+    (dict(type="sft", answers=["no"]), [{"text": "a", "label": "spam"}], "one answer per label id"),
+])
+def test_text_pair_errors_name_the_fix(chat_tok, cfg, rows, message):
+    from deltatune.data.tasks import task_type
+    task = TaskConfig(**cfg)
+    with pytest.raises(ConfigError, match=message):
+        task_type(task).featurize(chat_tok, rows, task, False)
+
+
+def test_named_labels_are_answered_by_their_id_and_counted(chat_tok):
+    from deltatune.data.sources import Splits
+    from deltatune.data.tasks import task_type
+    from deltatune.data.validate import prepare_splits
+    rows = [{"text": "WIN now", "label": "spam"}, {"text": "hi mum", "label": "ham"}]
+    task = TaskConfig(type="sft", template="Spam? {text}", answers=["no", "yes"])
+    splits = prepare_splits(task, Splits(rows, [], rows, None, {"train": "mem"}))
+    assert [r["label"] for r in splits.train] == [1, 0] and splits.labels is None  # sorted names: ham, spam
+    assert [f["reference"] for f in task_type(task).featurize(chat_tok, splits.test, task, True)] == ["yes", "no"]
+    with pytest.raises(ConfigError, match="3 answers for 2 classes"):
+        prepare_splits(TaskConfig(type="sft", answers=["a", "b", "c"]), Splits(rows, [], [], None, {"train": "m"}))
+    with pytest.raises(ConfigError, match="no column 'body'.*task.template"):
+        prepare_splits(TaskConfig(type="sft", template="{body}", answers=["a", "b"]),
+                       Splits(rows, [], [], None, {"train": "m"}))
+
+
+def test_template_and_answers_are_checked_in_the_config():
+    with pytest.raises(ConfigError, match="set task.type: sft"):
+        TaskConfig(type="classification", answers=["no", "yes"])
+    with pytest.raises(ConfigError, match="non-empty list"):
+        TaskConfig(type="sft", answers="yes")
+
+
 def test_seq2seq_labels_and_collator(bert_tok):
     feats = tokenize_seq2seq(bert_tok, [{"source": "a b c", "target": "x y"}, {"source": "d", "target": "z"}],
                              with_prompts=True)

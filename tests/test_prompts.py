@@ -422,12 +422,22 @@ def test_inputs_embeds_work_like_input_ids():
                                        logits(model, b))
 
 
-def test_decoder_only_classifier_refuses_right_padding_with_embeds():
-    model = attached("llama_cls", "prompt_tuning")
-    b = batch("llama_cls")
-    b["attention_mask"] = b["attention_mask"].flip(1)  # right padding
-    with pytest.raises(dt.ConfigError, match="left"):
-        model(**b)
+@pytest.mark.parametrize("method", ["prompt_tuning", "p_tuning"])
+def test_decoder_only_classifier_right_padded_rows_equal_each_row_alone(method):
+    """Given inputs_embeds, Llama's classifier pools the last position: right-padded rows are moved to
+    the left with their own positions, so each row scores as it does alone."""
+    model = attached("llama_cls", method)
+    b = inputs("llama_cls", method, n=3)
+    b["attention_mask"][0] = b["attention_mask"][0].flip(0)  # row 0 right-padded, row 1 unpadded
+    b["attention_mask"][2, -3:] = 0  # row 2 right-padded by 3
+    if method == "p_tuning":  # the markers stay in the real part of each row
+        b["input_ids"][2, -3:] = 5
+    with torch.no_grad():
+        out = model(**b).logits
+        for i in range(3):
+            keep = b["attention_mask"][i].bool()
+            alone = model(input_ids=b["input_ids"][i, keep][None], attention_mask=b["attention_mask"][i, keep][None])
+            torch.testing.assert_close(out[i], alone.logits[0], atol=1e-5, rtol=1e-4)
 
 
 # -- parameters, files, several deltas ------------------------------------------

@@ -12,6 +12,7 @@ how the result is evaluated. One `TaskType` per type, looked up by `TaskConfig.t
 """
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -43,11 +44,22 @@ class TaskConfig:
         "help": "sft: a Jinja chat template, for tokenizers that have none"})
     max_new_tokens: int = field(default=32, metadata={"help": "sft/seq2seq: generated tokens for exact match/BLEU"})
     max_target_length: int = field(default=64, metadata={"help": "seq2seq: target tokens"})
+    template: str | None = field(default=None, metadata={
+        "help": "sft/seq2seq: the prompt (source) made from each example's columns, e.g. 'Spam? {text}'"})
+    answers: list[str] | None = field(default=None, metadata={
+        "help": "sft/seq2seq on labelled data: the response (target) for each label id, e.g. [no, yes]"})
 
     def __post_init__(self):
         if self.type not in TASKS:
             raise ConfigError(f"Unknown task type {self.type!r}.{did_you_mean(self.type, TASKS)} "
                               f"Task types: {', '.join(TASKS)}.")
+        if (self.template is not None or self.answers is not None) and self.type not in ("sft", "seq2seq"):
+            raise ConfigError(f"task.template and task.answers turn examples into text pairs for the sft and "
+                              f"seq2seq task types, not {self.type}; remove them or set task.type: sft.")
+        if self.answers is not None and (not isinstance(self.answers, list) or not self.answers
+                                         or not all(isinstance(a, str) and a.strip() for a in self.answers)):
+            raise ConfigError(f"task.answers must be a non-empty list of answer texts, one per label id "
+                              f"(e.g. [no, yes]), got {self.answers!r:.60}.")
 
 
 @dataclass
@@ -81,13 +93,45 @@ def _masked_lm(tok, examples, cfg, for_eval):
 def _sft(tok, examples, cfg, for_eval):
     if cfg.chat_template:
         tok.chat_template = cfg.chat_template
+    examples = text_pairs(examples, cfg, cfg.prompt_key, cfg.response_key)
     return T.tokenize_sft(tok, examples, cfg.max_length, cfg.prompt_key, cfg.response_key, cfg.system,
                           with_prompts=for_eval)
 
 
 def _seq2seq(tok, examples, cfg, for_eval):
+    examples = text_pairs(examples, cfg, cfg.source_key, cfg.target_key)
     return T.tokenize_seq2seq(tok, examples, cfg.max_length, cfg.max_target_length, cfg.source_key,
                               cfg.target_key, with_prompts=for_eval)
+
+
+def text_pairs(examples, cfg: TaskConfig, in_key: str, out_key: str) -> list[dict]:
+    """With `template` and/or `answers`, each example becomes {in_key: the template filled with its
+    columns, out_key: the answer of its label id}: a classification dataset as a text-to-text task."""
+    if cfg.template is None and cfg.answers is None:
+        return examples
+    out = []
+    for i, e in enumerate(examples):
+        pair = dict(e)
+        if cfg.template is not None:
+            try:
+                pair[in_key] = cfg.template.format(**e)
+            except KeyError as k:
+                raise ConfigError(f"task.template names the column {k}, which example {i} does not have "
+                                  f"(its columns: {', '.join(map(str, e))}); use one of them in braces.") from None
+            except (IndexError, ValueError) as err:
+                raise ConfigError(f"task.template {cfg.template!r:.60} is not a valid format string ({err}); "
+                                  "name columns in braces, e.g. 'Spam? {text}', and double literal braces.") from None
+        elif in_key not in e:
+            pair[in_key] = e[cfg.text_key]
+        if cfg.answers is not None:
+            label = e.get(cfg.label_key)
+            if isinstance(label, bool) or not isinstance(label, numbers.Integral) \
+                    or not 0 <= label < len(cfg.answers):
+                raise ConfigError(f"task.answers gives {len(cfg.answers)} answers, but example {i} has label "
+                                  f"{label!r} (column {cfg.label_key!r}); give one answer per label id.")
+            pair[out_key] = cfg.answers[int(label)]
+        out.append(pair)
+    return out
 
 
 def _pad(tok, cfg):

@@ -4,6 +4,8 @@ columns the task reads, with usable values, and class labels become ids by one s
 ConfigError naming the split's source, the row, the column and the fix."""
 from __future__ import annotations
 
+import string
+
 from ..core.errors import ConfigError
 from . import text as T
 from .sources import Splits
@@ -23,11 +25,17 @@ def prepare_splits(task: TaskConfig, splits: Splits) -> Splits:
     where = {s: splits.sources.get(s) or f"the {s} split" for s in SPLIT_NAMES}
     for s in SPLIT_NAMES:
         check_rows(task, getattr(splits, s), where[s])
-    if task.type not in LABELLED:
+    answered = task.type not in LABELLED and task.answers is not None  # labels answered in words
+    if task.type not in LABELLED and not answered:
         return splits._replace(labels=None)
-    own = splits.labels if task.type == "classification" and task.label_key == "label" else None
+    own = splits.labels if task.type != "token_classification" and task.label_key == "label" else None
     names, named_by = class_names(task, splits.train, own, where["train"])
     encoded = {s: _encode_split(task, getattr(splits, s), names, named_by, where[s]) for s in SPLIT_NAMES}
+    if answered:
+        if len(task.answers) != len(names):
+            raise ConfigError(f"task.answers gives {len(task.answers)} answers for {len(names)} classes ({named_by}: "
+                              f"{', '.join(map(str, names))}); give one answer per class, in this order.")
+        return splits._replace(labels=None, **encoded)
     return splits._replace(labels=names, **encoded)
 
 
@@ -59,6 +67,8 @@ def _columns(task: TaskConfig, rows: list[dict]) -> list[tuple[str, str, str, st
                 (task.tags_key, "tags", "task.tags_key", "per-word tags")]
     if t in ("causal_lm", "masked_lm"):
         return [(task.text_key, "text or empty", "task.text_key", "text")]
+    if t in ("sft", "seq2seq") and (task.template is not None or task.answers is not None):
+        return _pair_columns(task, rows)
     if t == "sft" and rows and "messages" in rows[0]:
         return [("messages", "messages", "'messages'", "chat messages")]
     if t == "sft":
@@ -66,6 +76,27 @@ def _columns(task: TaskConfig, rows: list[dict]) -> list[tuple[str, str, str, st
                 (task.response_key, "text", "task.response_key", "responses")]
     return [(task.source_key, "text", "task.source_key", "input text"),
             (task.target_key, "text", "task.target_key", "target text")]
+
+
+def _pair_columns(task: TaskConfig, rows: list[dict]):
+    """The columns text_pairs reads: the template's fields (else the prompt/source or text column) and
+    the label column (with answers, else the response/target column)."""
+    sft = task.type == "sft"
+    in_key, out_key = (task.prompt_key, task.response_key) if sft else (task.source_key, task.target_key)
+    if task.template is not None:
+        try:
+            fields = [f for _, f, _, _ in string.Formatter().parse(task.template) if f]
+        except ValueError as e:
+            raise ConfigError(f"task.template {task.template!r:.60} is not a valid format string ({e}); name "
+                              "columns in braces, e.g. 'Spam? {text}', and double literal braces.") from None
+        cols = [(f.split(".")[0].split("[")[0], "text or empty", "task.template", "template's field")
+                for f in dict.fromkeys(fields)]
+    else:
+        key = in_key if rows and in_key in rows[0] else task.text_key
+        cols = [(key, "text or empty", "task.text_key", "input text")]
+    if task.answers is not None:
+        return cols + [(task.label_key, "label", "task.label_key", "class labels (ids into task.answers)")]
+    return cols + [(out_key, "text", f"task.{'response' if sft else 'target'}_key", "responses")]
 
 
 def _empty(v) -> bool:
@@ -159,14 +190,14 @@ def check_rows(task: TaskConfig, rows: list[dict], where: str):
 
 # -- class names and ids
 def _label_column(task: TaskConfig) -> str:
-    return task.label_key if task.type == "classification" else task.tags_key
+    return task.label_key if task.type != "token_classification" else task.tags_key
 
 
 def _labels_of(task: TaskConfig, row: dict) -> list:
     """The row's label values (one, or one per word), integral floats as ints (CSV columns with
     empty cells come back as floats: 1.0 is class 1)."""
     v = row[_label_column(task)]
-    values = [v] if task.type == "classification" else [x for x in v if x != T.IGNORE]
+    values = [v] if task.type != "token_classification" else [x for x in v if x != T.IGNORE]
     return [int(x) if isinstance(x, (float, bool)) else x for x in values]
 
 
@@ -226,7 +257,7 @@ def _encode_split(task: TaskConfig, rows: list[dict], names: list[str], named_by
 
 def _with_ids(task: TaskConfig, row: dict, ids: list[int]) -> dict:
     key = _label_column(task)
-    if task.type == "classification":
+    if task.type != "token_classification":
         return {**row, key: ids[0]}
     ids = iter(ids)  # ignored tags stay where they are
     return {**row, key: [x if x == T.IGNORE else next(ids) for x in row[key]]}

@@ -14,7 +14,7 @@ from ..core.heads import peft_task_type
 from ..core.registry import config_from_dict
 
 __all__ = ["PEFT_PROMPT_ROOT", "InputLayout", "nested_config", "widen_mask", "fit_embeds_to_mask",
-           "prepend_prompts", "row_prompts", "input_embeddings", "cached_length", "check_padding",
+           "prepend_prompts", "row_prompts", "input_embeddings", "cached_length", "left_align",
            "extend_side_inputs", "trim_outputs", "pools_last_token"]
 
 
@@ -97,23 +97,42 @@ def widen_mask(mask, n, batch, length, past=0, device=None, dtype=torch.long):
     return torch.cat([torch.ones(mask.shape[0], n, dtype=mask.dtype, device=mask.device), mask], dim=1)
 
 
-def check_padding(layout, mask):
-    if layout.pools_last_token and mask is not None and bool((mask[:, -1] == 0).any()):
-        raise ConfigError("This decoder-only classifier pools the last position when given inputs_embeds (as a "
-                          "prompt delta passes them), so right padding would pool a pad token. Pad on the left "
-                          "(Collator(padding_side='left') or tokenizer.padding_side = 'left').")
+def left_align(layout, kwargs) -> dict:
+    """A decoder-only classifier given inputs_embeds (as a prompt delta passes them) pools the last
+    position. Rows padded on the right are moved so that their pads come first, with position ids that
+    keep each real token where it was: the pooled state is the last real token's, and each row's output
+    equals the row alone. Other models and left-padded batches are returned as they are."""
+    mask = kwargs.get("attention_mask")
+    if not layout.pools_last_token or mask is None or mask.dim() != 2 or bool((mask[:, -1] != 0).all()):
+        return kwargs
+    if get_cache(kwargs) is not None:
+        raise ConfigError("A right-padded batch cannot continue from a cache on a decoder-only classifier; pad on "
+                          "the left (Collator(padding_side='left') or tokenizer.padding_side = 'left').")
+    length = mask.shape[1]
+    steps = torch.arange(length, device=mask.device)
+    last = torch.where(mask != 0, steps, -1).amax(1)  # each row's last real position
+    index = (steps.unsqueeze(0) - (length - 1 - last).unsqueeze(1)) % length  # roll each row right by its pads
+    if kwargs.get("position_ids") is None:
+        kwargs["position_ids"] = (mask.long().cumsum(1) - 1).clamp(min=0)
+    for key in ("input_ids", "attention_mask", "token_type_ids", "position_ids", "inputs_embeds"):
+        value = kwargs.get(key)
+        if torch.is_tensor(value) and value.dim() >= 2 and value.shape[:2] == mask.shape:
+            at = index.to(value.device)
+            at = at.view(*at.shape, *([1] * (value.dim() - 2))).expand_as(value)
+            kwargs[key] = value.gather(1, at)
+    return kwargs
 
 
 def prepend_prompts(layout: InputLayout, base, kwargs, prompts, generating=False):
     """Put the prompt in front of the (encoder) input; returns (kwargs, post)."""
     if layout.encoder_decoder and kwargs.get("encoder_outputs") is not None:
         return kwargs, None  # the encoder already ran (with or without us): nothing to prepend to
+    kwargs = left_align(layout, kwargs)
     emb, ids = input_embeddings(base, kwargs)
     batch, length = emb.shape[:2]
     past = 0 if layout.encoder_decoder else cached_length(kwargs)
     n = prompts.shape[-2]  # [n, d], or [batch, n, d]: a prompt per row (row_prompts)
     mask = kwargs.get("attention_mask")
-    check_padding(layout, mask)
     if past:  # continuing from a cache that already holds the prompt
         kwargs["inputs_embeds"] = emb
         kwargs["attention_mask"] = widen_mask(mask, n, batch, length, past, emb.device)

@@ -24,7 +24,7 @@ from ..core.config import DeltaConfig, PeftConvertible
 from ..core.errors import ConfigError
 from ..core.pieces import MODEL_LEVEL, ModelPiece
 from ..core.registry import register
-from .model_inputs import (PEFT_PROMPT_ROOT, InputLayout, cached_length, check_padding, fit_embeds_to_mask,
+from .model_inputs import (PEFT_PROMPT_ROOT, InputLayout, cached_length, fit_embeds_to_mask, left_align,
                             input_embeddings, nested_config, prepend_prompts, row_prompts)
 
 MARK = "[P]"
@@ -195,6 +195,7 @@ class PromptEncoder(ModelPiece):
     def _prepare(self, base, kwargs, generating, prompts=None):
         """prompts: this piece's [n, d] by default, or [batch, n, d] (one per row, prepare_rows)."""
         prompts = self.prompts() if prompts is None else prompts
+        kwargs = left_align(self.layout, kwargs)
         ids = kwargs.get("input_ids")
         if self.layout.encoder_decoder and kwargs.get("encoder_outputs") is not None:
             return kwargs, None
@@ -207,7 +208,6 @@ class PromptEncoder(ModelPiece):
         if bad and not cached_length(kwargs):
             raise ConfigError(f"Rows {bad} have {counts[bad[0]].item()} [P] markers but the template has "
                               f"{n}; encode inputs with PTuningConfig.encode/tokenize.")
-        check_padding(self.layout, kwargs.get("attention_mask"))
         real = torch.where(marks, torch.full_like(ids, self.pad_id), ids)
         emb, _ = input_embeddings(base, kwargs, ids=real)
         kwargs.pop("input_ids", None)
