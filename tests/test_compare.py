@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 import deltatune as dt
-from deltatune.compare import compare, load_comparison
+from deltatune.compare import _Runner, compare, load_comparison
 
 BASE = {"model": {"path": "minilm", "tiny": True}, "data": {"source": "sms_spam", "max_train": 48, "max_eval": 24},
         "task": {"type": "classification", "max_length": 24}, "train": {"epochs": 1, "batch_size": 16, "lr": 1e-3}}
@@ -71,6 +71,9 @@ def test_a_finished_comparison_runs_nothing_again_and_an_interrupted_one_only_wh
     lines = []
     compare(_config(out), log=lines.append)
     assert [line for line in lines if "running" in line] == ["[2/5] lora seed 1: running"]
+    (out / "runs" / "lora-s1.json").unlink()
+    comp = load_comparison(raw=_config(out))
+    assert _Runner(comp, comp.methods, lines.append)._to_run() == 2  # the time left counts lora seed 1 and the one starting, not the cached runs
 
 
 def test_a_changed_method_config_reruns_that_method_alone(done, tmp_path):
@@ -79,7 +82,8 @@ def test_a_changed_method_config_reruns_that_method_alone(done, tmp_path):
     changed["methods"]["lora"] = {"method": "lora", "r": 2}
     lines = []
     compare(changed, only=["lora"], log=lines.append)
-    assert [line.split(":")[0] for line in lines if "running" in line] == ["[1/5] lora seed 0", "[2/5] lora seed 1"]
+    # --only counts its own runs
+    assert [line.split(":")[0] for line in lines if "running" in line] == ["[1/2] lora seed 0", "[2/2] lora seed 1"]
 
 
 def test_a_run_without_a_rate_records_its_method_s_recommended_one_in_its_config(tmp_path):

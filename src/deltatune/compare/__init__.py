@@ -26,7 +26,7 @@ def compare(config, overrides=(), only=None, log: Callable[[str], None] = print)
     unknown = sorted(set(only or ()) - set(names))
     if unknown:
         raise ConfigError(f"--only names {unknown}, not methods of this comparison ({', '.join(names)}).")
-    runner = _Runner(comp, log)
+    runner = _Runner(comp, [m for m in comp.methods if not only or m.name in only], log)
     chosen, ran = {}, {}  # ran: method -> (its sweep's records, its records at the chosen rate)
     for m in comp.methods:
         if only and m.name not in only:
@@ -76,12 +76,19 @@ def _finished(comp: Comparison, m: MethodSpec) -> tuple[list, list]:
     return sweep, [r for r in (cached(run_of(comp, m, s, lr)) for s in comp.seeds) if r is not None]
 
 
+CHOSEN = object()  # a planned run at the rate its method's sweep will choose
+
+
 class _Runner:
     """Runs or reuses each run, printing which one is going and the time left."""
 
-    def __init__(self, comp: Comparison, log):
+    def __init__(self, comp: Comparison, methods: list, log):
         self.comp, self.log = comp, log
-        self.total = sum(len(m.lrs) + len(comp.seeds) - 1 if m.lrs else len(comp.seeds) for m in comp.methods)
+        # the planned runs, in order: a sweep's (seed 0 at each rate), then the other seeds at the chosen rate
+        self.plan = [(m, s, x) for m in methods for s, x in
+                     ([(comp.seeds[0], x) for x in m.lrs] + [(s, CHOSEN) for s in comp.seeds[1:]] if m.lrs
+                      else [(s, None) for s in comp.seeds])]
+        self.total = len(self.plan)
         self.done, self.seconds, self.executed = 0, 0.0, 0
 
     def run(self, m: MethodSpec, seed: int, lr: float | None) -> dict:
@@ -92,8 +99,7 @@ class _Runner:
         if record is not None:
             self.log(f"{where}: finished before ({self._score(record)})")
             return record
-        left = self.total - self.done + 1
-        eta = f", about {_duration(self.seconds / self.executed * left)} left" if self.executed else ""
+        eta = f", about {_duration(self.seconds / self.executed * self._to_run())} left" if self.executed else ""
         self.log(f"{where}: running{eta}")
         started = time.time()
         record = execute(run, self.comp.isolate)
@@ -101,6 +107,19 @@ class _Runner:
         self.executed += 1
         self.log(f"{where}: {self._score(record)} in {_duration(time.time() - started)}")
         return record
+
+    def _to_run(self) -> int:
+        """Runs still to train, this one included: the planned runs from here without a cached record
+        (a run at a rate its unfinished sweep has not chosen yet counts as to run)."""
+        return 1 + sum(self._pending(m, s, x) for m, s, x in self.plan[self.done:])
+
+    def _pending(self, m: MethodSpec, seed: int, lr) -> bool:
+        if lr is CHOSEN:
+            sweep = [cached(run_of(self.comp, m, self.comp.seeds[0], x)) for x in m.lrs]
+            if any(r is None for r in sweep):
+                return True
+            lr = _best_lr(self.comp, m, sweep)
+        return cached(run_of(self.comp, m, seed, lr)) is None
 
     def _score(self, record) -> str:
         v, t = record.get("validation"), record.get("test")
