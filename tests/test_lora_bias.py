@@ -7,6 +7,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 
 import deltatune as dt
+from deltatune.arithmetic.changes import weight_changes
 from deltatune.cli import main
 from tiny import BUILDERS, batch, check_mixed_rows, logits, perturb
 
@@ -125,6 +126,24 @@ def test_a_change_to_a_module_without_bias_exports_without_lora_bias():
     assert not model.configs["full_lora"].lora_bias and any(k.endswith("query.bias") for k in result.dropped)
     with pytest.raises(dt.ConfigError, match="has no bias"):
         dt.to_lora(model, "full", rank=8, into="forced", lora_bias=True)
+
+
+def test_a_task_head_without_bias_does_not_stop_lora_bias():
+    """GPT-2's classifier `score` has no bias; it is kept as a trained copy, not held by the LoRA, so the
+    body's bias changes still go into lora_bias."""
+    from transformers import GPT2ForSequenceClassification
+    torch.manual_seed(0)
+    base = GPT2ForSequenceClassification(BUILDERS["gpt2"]().config.__class__(
+        vocab_size=128, n_embd=32, n_layer=2, n_head=4, n_positions=64, pad_token_id=0, num_labels=3)).eval()
+    model = dt.attach(base, dt.BitFitConfig(targets=LINEAR_BIASES["gpt2"]), "bitfit")  # and the new head
+    perturb(model, "bitfit")
+    assert any(k.startswith("score.") for k in weight_changes(model, "bitfit"))
+    b = {"input_ids": torch.randint(3, 128, (2, 7)), "attention_mask": torch.ones(2, 7, dtype=torch.long)}
+    expected = logits(model, b)
+    result = dt.to_lora(model, "bitfit", rank=4)
+    assert model.configs["bitfit_lora"].lora_bias and not result.dropped
+    model.set_active("bitfit_lora")
+    torch.testing.assert_close(logits(model, b), expected, atol=1e-5, rtol=1e-5)
 
 
 def test_cli_exports_bitfit_with_its_bias(tmp_path, capsys):

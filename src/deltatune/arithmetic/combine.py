@@ -50,10 +50,11 @@ def combine(model, names, weights, method: str = "linear", into: str = "combined
         ranks = [max(int(b.shape[1]) for b, _ in f.values()) for f in factors if f]
         if rank is None and not ranks:
             raise ConfigError("method='svd' needs rank=R (or 'auto') when no input is a LoRA to take it from.")
+        heads = _heads(model, names)
         if lora_bias is None:
-            lora_bias = bias_fits(model, combined)
-        return lora_from_changes(model, into, combined, rank or max(ranks), energy, _heads(model, names),
-                                 trainable, method, lora_bias)
+            lora_bias = bias_fits(model, combined, heads)
+        return lora_from_changes(model, into, combined, rank or max(ranks), energy, heads, trainable, method,
+                                 lora_bias)
     full = all(type(model.configs[n]) is FullConfig for n in names)
     attach_result(model, into, dense_config({k.rpartition(".")[0] for k in combined}, full), {}, combined, trainable)
     return Result(into, method)

@@ -59,13 +59,14 @@ def low_rank(m: torch.Tensor, rank, energy: float = 0.9) -> tuple[torch.Tensor, 
     return b, a, err
 
 
-def bias_fits(model, changes: Changes) -> bool:
+def bias_fits(model, changes: Changes, heads: list[str] = ()) -> bool:
     """Whether a LoRA of `changes` can carry their bias changes in PEFT's lora_bias: some Linear / Conv1D
-    bias changes, and every module the LoRA would hold (a changed weight or bias) has a bias."""
+    bias changes, and every module the LoRA would hold (a changed weight or bias outside `heads`, which
+    lora_from_changes keeps as trained copies) has a bias."""
     modules = base_modules(model.base_model)
-    held = {k.rpartition(".")[0] for k in changes
-            if (k.endswith(".weight") and isinstance(modules.get(k.rpartition(".")[0]), LORA_TYPES))
-            or (k.endswith(".bias") and isinstance(modules.get(k.rpartition(".")[0]), LINEAR_TYPES))}
+    held = {k.rpartition(".")[0] for k in changes if not any(k.startswith(h + ".") for h in heads)
+            and ((k.endswith(".weight") and isinstance(modules.get(k.rpartition(".")[0]), LORA_TYPES))
+                 or (k.endswith(".bias") and isinstance(modules.get(k.rpartition(".")[0]), LINEAR_TYPES)))}
     return (any(k.endswith(".bias") and k.rpartition(".")[0] in held for k in changes)
             and all(getattr(modules[p], "bias", None) is not None for p in held))
 
