@@ -135,7 +135,8 @@ def special_tokens(tokenizer) -> tuple[list[int], list[int]]:
 
 
 def _tokens(tokenizer, text: str) -> list[int]:
-    return tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+    # a long field is cut to fit after tokenizing (encode): no warning about the model's maximum length
+    return tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"] if text else []
 
 
 class PromptEncoder(ModelPiece):
