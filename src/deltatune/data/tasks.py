@@ -119,8 +119,7 @@ def text_pairs(examples, cfg: TaskConfig, in_key: str, out_key: str) -> list[dic
                 raise ConfigError(f"task.template names the column {k}, which example {i} does not have "
                                   f"(its columns: {', '.join(map(str, e))}); use one of them in braces.") from None
             except (IndexError, ValueError) as err:
-                raise ConfigError(f"task.template {cfg.template!r:.60} is not a valid format string ({err}); "
-                                  "name columns in braces, e.g. 'Spam? {text}', and double literal braces.") from None
+                raise bad_template(cfg.template, err) from None
         elif in_key not in e:
             pair[in_key] = e[cfg.text_key]
         if cfg.answers is not None:
@@ -132,6 +131,11 @@ def text_pairs(examples, cfg: TaskConfig, in_key: str, out_key: str) -> list[dic
             pair[out_key] = cfg.answers[int(label)]
         out.append(pair)
     return out
+
+
+def bad_template(template: str, err) -> ConfigError:
+    return ConfigError(f"task.template {template!r:.60} is not a valid format string ({err}); name columns in "
+                       "braces, e.g. 'Spam? {text}', and double literal braces.")
 
 
 def _pad(tok, cfg):

@@ -9,7 +9,7 @@ import string
 from ..core.errors import ConfigError
 from . import text as T
 from .sources import Splits
-from .tasks import TaskConfig
+from .tasks import TaskConfig, bad_template
 
 LABELLED = ("classification", "token_classification")
 SPLIT_NAMES = ("train", "validation", "test")
@@ -87,8 +87,7 @@ def _pair_columns(task: TaskConfig, rows: list[dict]):
         try:
             fields = [f for _, f, _, _ in string.Formatter().parse(task.template) if f]
         except ValueError as e:
-            raise ConfigError(f"task.template {task.template!r:.60} is not a valid format string ({e}); name "
-                              "columns in braces, e.g. 'Spam? {text}', and double literal braces.") from None
+            raise bad_template(task.template, e) from None
         cols = [(f.split(".")[0].split("[")[0], "text or empty", "task.template", "template's field")
                 for f in dict.fromkeys(fields)]
     else:
