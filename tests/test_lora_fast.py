@@ -1,5 +1,5 @@
 """LoRA's fast path (methods/lora_kernels.py) against the plain path it replaces: same outputs and
-gradients (atol 1e-5), the dropout mask's expectation, and the cases where it must not act."""
+gradients (atol 1e-5), dropout's draw and formula, and the cases where it must not act."""
 import copy
 
 import pytest
@@ -88,41 +88,88 @@ def test_siblings_share_one_matmul_and_fall_back_for_other_inputs():
         lora_kernels.LoRAIn.apply = real
 
 
-def test_keep_mask_expectation_and_seed():
+@pytest.mark.parametrize("n,p", [(200_000, 0.05), (300, 0.5), (1, 0.3), (5_000, 0.999)])
+def test_drop_positions_are_bernoulli_and_seeded(n, p):
     torch.manual_seed(3)
-    keep, factor = lora_kernels.keep_mask((400, 500), 0.05, "cpu")
-    drop = round(0.05 * 65536)
-    assert factor * (65536 - drop) / 65536 == pytest.approx(1.0, abs=1e-12)  # E[keep * factor] = 1 exactly
-    share = keep.float().mean().item()
-    assert abs(share - (1 - drop / 65536)) < 4 * (0.05 * 0.95 / keep.numel()) ** 0.5  # within 4 sigma
+    drop, factor = lora_kernels.drop_positions(n, p, "cpu")
+    assert factor == pytest.approx(1 / (1 - p), rel=1e-12) and drop.dtype == torch.int64
+    assert drop.numel() == 0 or (drop[0] >= 0 and drop[-1] < n and bool((drop[1:] > drop[:-1]).all()))
+    sigma = (n * p * (1 - p)) ** 0.5
+    assert abs(drop.numel() - n * p) <= 5 * sigma + 1  # the count of Bernoulli(p) drops
     torch.manual_seed(3)
-    again, _ = lora_kernels.keep_mask((400, 500), 0.05, "cpu")
-    assert torch.equal(keep, again)
-    assert keep.dtype == torch.bool and keep.shape == (400, 500)
+    assert torch.equal(drop, lora_kernels.drop_positions(n, p, "cpu")[0])
 
 
-def test_dropout_uses_one_mask_for_siblings_and_matches_the_formula(monkeypatch):
+def test_drop_positions_are_independent_of_place():
+    # every position dropped at rate p, and the gaps between drops geometric: 20 rows x 100 columns
+    torch.manual_seed(0)
+    hits = torch.zeros(2000)
+    gaps = []
+    for _ in range(500):
+        drop, _ = lora_kernels.drop_positions(2000, 0.1, "cpu")
+        hits[drop] += 1
+        gaps.append(drop.diff())
+    rate = hits / 500
+    assert abs(rate.mean().item() - 0.1) < 0.003
+    assert abs(rate.view(20, 100).mean(1) - 0.1).max() < 0.03  # no row or column is favoured
+    assert abs(rate.view(20, 100).mean(0) - 0.1).max() < 0.06
+    gaps = torch.cat(gaps).float()
+    assert abs(gaps.mean().item() - 10) < 0.2 and abs((gaps == 1).float().mean().item() - 0.1) < 0.01
+
+
+def _keep(drop, shape):
+    keep = torch.ones(shape).view(-1)
+    keep[drop] = 0
+    return keep.view(shape)
+
+
+def test_lora_in_with_dropout_equals_the_masked_formula():
+    torch.manual_seed(0)
+    x = torch.randn(3, 7, 16, requires_grad=True)
+    A = torch.randn(4, 16, requires_grad=True)
+    drop, factor = lora_kernels.drop_positions(x.numel(), 0.3, "cpu")
+    h = lora_kernels.LoRAIn.apply(x, A, drop, factor)
+    g = torch.randn_like(h)
+    gx, gA = torch.autograd.grad(h, (x, A), g)
+    want = torch.nn.functional.linear(x * _keep(drop, x.shape) * factor, A)
+    wx, wA = torch.autograd.grad(want, (x, A), g)
+    torch.testing.assert_close(h, want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(gx, wx, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(gA, wA, atol=1e-5, rtol=1e-5)
+    assert (gx.view(-1)[drop] == 0).all()
+
+
+def test_dropout_uses_one_draw_for_siblings_and_matches_the_formula(monkeypatch):
     fast, _ = _pair("llama", dropout=0.3)
-    masks = []
-    real = lora_kernels.keep_mask
+    draws = []
+    real = lora_kernels.drop_positions
 
-    def recording(shape, p, device):
-        keep, factor = real(shape, p, device)
-        masks.append((keep, factor))
-        return keep, factor
-    monkeypatch.setattr(lora_kernels, "keep_mask", recording)
+    def recording(n, p, device):
+        drop, factor = real(n, p, device)
+        draws.append((drop, factor))
+        return drop, factor
+    monkeypatch.setattr(lora_kernels, "drop_positions", recording)
     attn = fast.base_model.model.layers[0].self_attn
     attn.train()
     x = torch.randn(2, 5, 32)
     outs = [getattr(attn, n)(x) for n in ("q_proj", "k_proj", "v_proj")]
-    assert len(masks) == 1 and masks[0][0].shape == x.shape
-    keep, factor = masks[0]
+    assert len(draws) == 1
+    drop, factor = draws[0]
+    keep = _keep(drop, x.shape)
     for n, out in zip(("q_proj", "k_proj", "v_proj"), outs):
         layer = getattr(attn, n)
         piece = layer.deltas["default"]
         want = layer.base_layer(x) + piece.lora_B(piece.lora_A(x * keep * factor)) * piece.scale
         torch.testing.assert_close(out, want, atol=1e-6, rtol=1e-5)
-    # expectation over masks: the mean LoRA output approaches the dropout-free one
+    # o_proj (no siblings) trains through the fused node, with a draw of its own
+    o = attn.o_proj
+    out = o(x)
+    assert len(draws) == 2 and type(out.grad_fn).__name__ == "LinearLoRABackward"
+    drop, factor = draws[1]
+    piece = o.deltas["default"]
+    want = o.base_layer(x) + piece.lora_B(piece.lora_A(x * _keep(drop, x.shape) * factor)) * piece.scale
+    torch.testing.assert_close(out, want, atol=1e-6, rtol=1e-5)
+    # expectation over draws: the mean LoRA output approaches the dropout-free one
     with torch.no_grad():
         q = attn.q_proj
         piece = q.deltas["default"]
@@ -178,13 +225,14 @@ def test_copies_and_pickles_without_the_cache():
 
 def test_inference_with_many_rows_folds_the_update_into_one_matmul(monkeypatch):
     fast, plain = _pair("llama")
-    used = []
+    used, fused = [], []
     real = LoRALinear.with_base
 
     def counting(self, *a):
         out = real(self, *a)
         if "_fast" not in self.__dict__:  # the fast model's pieces (the plain one's are patched)
-            used.append(out is not None)
+            used.append(out is not None and out.grad_fn is None)
+            fused.append((self, out is not None and type(out.grad_fn).__name__ == "LinearLoRABackward"))
         return out
     monkeypatch.setattr(LoRALinear, "with_base", counting)
     fast.eval()
@@ -196,6 +244,41 @@ def test_inference_with_many_rows_folds_the_update_into_one_matmul(monkeypatch):
             torch.testing.assert_close(fast(input_ids=ids).logits, plain(input_ids=ids).logits, atol=1e-5, rtol=1e-5)
         assert used and all(used) == (rows > 1) and (any(used) == (rows > 1))
     used.clear()
-    fast.train()  # with grad: never folded
+    fused.clear()
+    fast.train()  # with grad: never folded; one fused node where the input is not shared with siblings
     fast(input_ids=torch.randint(3, 128, (4, 16))).logits.sum().backward()
     assert used and not any(used)
+    assert fused and all(f == ("shared" not in piece.__dict__) for piece, f in fused) and any(f for _, f in fused)
+
+
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_linear_lora_node_equals_the_formula(p):
+    """The fused training node (a frozen nn.Linear and its LoRA in one autograd Function): output
+    and the gradients of x, A and B equal autograd's through the plain formula with the same drops."""
+    torch.manual_seed(0)
+    x = torch.randn(3, 7, 16, requires_grad=True)
+    W, bias = torch.randn(12, 16), torch.randn(12)
+    A, B = torch.randn(4, 16, requires_grad=True), torch.randn(12, 4, requires_grad=True)
+    drop, factor = lora_kernels.drop_positions(x.numel(), p, "cpu") if p else (None, 1.0)
+    out = lora_kernels.LinearLoRA.apply(x, W, bias, A, B, 0.5, drop, factor)
+    g = torch.randn_like(out)
+    got = torch.autograd.grad(out, (x, A, B), g)
+    xd = x if drop is None else x * _keep(drop, x.shape) * factor
+    want_out = torch.nn.functional.linear(x, W, bias) + torch.nn.functional.linear(xd, A) @ B.t() * 0.5
+    want = torch.autograd.grad(want_out, (x, A, B), g)
+    torch.testing.assert_close(out, want_out, atol=1e-5, rtol=1e-5)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_trained_base_weights_keep_the_separate_nodes():
+    fast, plain = _pair("llama")
+    for model in (fast, plain):  # o_proj's base weight trains too: no fused node, its gradient flows
+        model.base_model.model.layers[0].self_attn.o_proj.base_layer.weight.requires_grad_(True)
+    b = batch("llama")
+    b.pop("labels", None)
+    (out_f, grads_f), (out_p, grads_p) = _loss_and_grads(fast, b), _loss_and_grads(plain, b)
+    torch.testing.assert_close(out_f, out_p, atol=1e-5, rtol=1e-5)
+    assert any("o_proj.base_layer.weight" in n for n in grads_f) and grads_f.keys() == grads_p.keys()
+    for n in grads_f:
+        torch.testing.assert_close(grads_f[n], grads_p[n], atol=1e-5, rtol=1e-4, msg=n)

@@ -21,8 +21,8 @@ from ..core.quantized import dequantized_weight, is_quantized, merge_into_codes,
 from ..core.registry import register
 from ..core.targets import LINEAR_TYPES, Targeted, pattern_value
 from ..core.weights import oriented, stores_transposed
-from . import lora_batched, lora_init
-from .lora_kernels import SAME_INPUT, AddLoRA, SharedInput, can_add_in_place, project
+from . import lora_batched, lora_init, lora_kernels
+from .lora_kernels import SAME_INPUT, AddLoRA, LinearLoRA, SharedInput, can_add_in_place, project
 
 
 @dataclass
@@ -163,18 +163,27 @@ class LoRALinear(AddsToOutput):
         return self._plain(x, out, base_layer)
 
     def with_base(self, args, kwargs, base_layer):
-        """Inference on an nn.Linear with many rows: F.linear(x, W + s B A, bias), one matmul and
-        no pass over the output. Building W + s B A costs (out x in) writes, the thin products
-        (rows x (in + out)): used only when the rows outnumber in*out / (in + out), so a decoding
-        step with a few rows keeps the thin path."""
-        if (torch.is_grad_enabled() or len(args) != 1 or kwargs or type(base_layer) is not nn.Linear
-                or self.lora_B.bias is not None or (self.training and isinstance(self.lora_dropout, nn.Dropout))):
+        """The base nn.Linear and this piece computed together. Training (gradients on): one
+        autograd node (lora_kernels.LinearLoRA) that adds the LoRA part of grad_x in place, for a
+        frozen base and a piece not sharing its input's matmul with siblings. Inference: F.linear(x,
+        W + s B A, bias), one matmul and no pass over the output; building W + s B A costs
+        (out x in) writes, the thin products (rows x (in + out)), so it is used only when the rows
+        outnumber in*out / (in + out), and a decoding step with a few rows keeps the thin path."""
+        if len(args) != 1 or kwargs or type(base_layer) is not nn.Linear or self.lora_B.bias is not None:
             return None
         x, W = args[0], base_layer.weight
         if not torch.is_tensor(x) or x.dtype != W.dtype or not self._fast(x, x, base_layer):
             return None
+        dropout = self.training and isinstance(self.lora_dropout, nn.Dropout)
+        if torch.is_grad_enabled():
+            bias = base_layer.bias
+            if "shared" in self.__dict__ or W.requires_grad or (bias is not None and bias.requires_grad):
+                return None
+            drop, factor = (lora_kernels.drop_positions(x.numel(), self.lora_dropout.p, x.device) if dropout
+                            else (None, 1.0))
+            return LinearLoRA.apply(x, W, bias, self.lora_A.weight, self.lora_B.weight, self.scale, drop, factor)
         out_f, in_f = W.shape
-        if x.numel() // in_f * (in_f + out_f) < in_f * out_f:
+        if dropout or x.numel() // in_f * (in_f + out_f) < in_f * out_f:
             return None
         return F.linear(x, torch.addmm(W, self.lora_B.weight, self.lora_A.weight, alpha=self.scale), base_layer.bias)
 
@@ -319,7 +328,7 @@ def build(model: nn.Module, config: LoRAConfig) -> dict[str, DeltaPiece]:
 
 def _share_inputs(model, pieces) -> None:
     """Group LoRA pieces on sibling Linear modules that models feed one tensor (q/k/v, gate/up:
-    lora_kernels.SAME_INPUT): they share one matmul and one dropout mask, checked at every call."""
+    lora_kernels.SAME_INPUT): they share one matmul and one dropout draw, checked at every call."""
     groups: dict = {}
     for path, piece in pieces.items():
         base = unwrap(model.get_submodule(path))

@@ -7,68 +7,131 @@ at dropout 0.05 (bench/train.py). Where the time went, and what this file does i
   that are 2.5-4x slower for such thin matrices than g @ (B^T contiguous) and (h^T g)^T;
 - `* s` and `out + lora` are two more passes over the (tokens x out) output: the product is added
   in place with addmm_(alpha=s);
-- dropout drew one 32-bit random number per element (F.dropout: as slow as the base matmul on a
-  CPU): `keep_mask` draws 16 bits per element, and modules that read the same input tensor
-  (q/k/v, gate/up) share one mask and one matmul with their concatenated A's (`SharedInput`).
-Outputs equal the plain path's (tests/test_lora_fast.py); dropout's randomness differs (below).
+- dropout drew a random number per element, then made a dropped copy of the input (F.dropout:
+  as slow as the base matmul on a CPU), and a mask kept for the backward costs more passes to
+  convert and apply: `drop_positions` draws only the dropped positions (~p of them), and
+  `LoRAIn` takes their terms out of x A^T and of the gradients, never copying x. Modules that
+  read the same input tensor (q/k/v, gate/up) share one draw and one matmul with their
+  concatenated A's (`SharedInput`).
+Outputs equal the plain path's (tests/test_lora_fast.py); dropout's random draws differ from
+F.dropout's, its distribution does not.
 """
 from __future__ import annotations
 
 import math
+import warnings
 import weakref
 
 import torch
 import torch.nn.functional as F
 
-# CPU dropout: a 16-bit uniform integer per element, dropped below this many of 65536 values
-_LEVELS = 65536
+def drop_positions(n: int, p: float, device) -> tuple[torch.Tensor, float]:
+    """(sorted flat positions that dropout zeroes among n elements, the rescale 1/(1-p)).
+
+    Each element is dropped independently with probability p, exactly as by F.dropout, but only
+    the ~n*p dropped positions are drawn: the gaps between them are geometric, from float64
+    uniforms (manual_seed reproduces them). A mask of n elements would cost a random number per
+    element plus a pass to convert and apply it."""
+    log_keep = math.log1p(-p)
+    found, start = [], 0
+    while start < n:  # one round almost always: the draw covers n*p + 6 sigma + 16 drops
+        m = int(n * p + 6 * math.sqrt(n * p) + 16)
+        gaps = torch.rand(m, dtype=torch.float64, device=device).neg_().log1p_().div_(log_keep).floor_()
+        pos = gaps.to(torch.int64).add_(1).cumsum_(0).add_(start - 1)
+        last = int(pos[-1])
+        found.append(pos[:int(torch.searchsorted(pos, n))] if last >= n else pos)
+        start = last + 1
+    return (found[0] if len(found) == 1 else torch.cat(found)), 1.0 / (1.0 - p)
 
 
-def keep_mask(shape, p: float, device) -> tuple[torch.Tensor, float]:
-    """(boolean keep mask, 1/(1-p')): inverted dropout's mask and rescale.
+def _sparse_mm(row, col, val, shape, dense):
+    """S @ dense for the sparse S (shape) with S[row[i], col[i]] = val[i], rows sorted: a CSR
+    product, in float32 for half types (CPU CSR products take float32 and float64 only)."""
+    dtype = val.dtype if val.dtype in (torch.float32, torch.float64) else torch.float32
+    crow = torch.searchsorted(row, torch.arange(shape[0] + 1, device=row.device))
+    with warnings.catch_warnings():  # torch's "sparse CSR support is in beta"
+        warnings.simplefilter("ignore")
+        S = torch.sparse_csr_tensor(crow, col, val.to(dtype), size=shape, check_invariants=False)
+    return (S @ dense.to(dtype).contiguous()).to(val.dtype)
 
-    On CUDA the mask is Bernoulli(1-p) as in F.dropout. On a CPU, p is rounded to a multiple of
-    1/65536 (p' differs from p by at most 7.7e-6) and the rescale uses p', so E[mask * rescale]
-    is exactly 1 as with F.dropout; the bits come from torch's default generator (manual_seed
-    reproduces them), 16 per element instead of 32."""
-    if torch.device(device).type != "cpu":
-        return torch.empty(shape, dtype=torch.bool, device=device).bernoulli_(1.0 - p), 1.0 / (1.0 - p)
-    drop = round(p * _LEVELS)
-    n = math.prod(shape)
-    words = torch.empty((n + 3) // 4, dtype=torch.int64).random_(-2**63, 2**63 - 1)
-    levels = words.view(torch.int16)[:n].view(shape)
-    return levels >= drop - _LEVELS // 2, _LEVELS / (_LEVELS - drop)
+
+def _split(drop, width):
+    """(rows, columns) of flat positions in a (rows x width) matrix."""
+    return drop.div(width, rounding_mode="floor"), drop.remainder(width)
+
+
+def _in_forward(x2, A, drop, factor):
+    """(h, the dropped values of x): h = (x A^T - D A^T) * factor, D the dropped elements of x."""
+    h = F.linear(x2, A)
+    vals = None
+    if drop is not None:
+        vals = x2.reshape(-1).index_select(0, drop)
+        rows, cols = _split(drop, x2.shape[1])
+        h.sub_(_sparse_mm(rows, cols, vals, x2.shape, A.t()))
+    if factor != 1.0:
+        h.mul_(factor)
+    return h, vals
+
+
+def _grad_A(gh2, x2, drop, vals):
+    """gh^T x - (D^T gh)^T for gh already times the factor; D^T as a CSR matrix (the dropped
+    elements ordered by column)."""
+    grad_A = gh2.t() @ x2
+    if drop is not None:
+        cols, order = drop.remainder(x2.shape[1]).sort(stable=True)
+        rows = drop.div(x2.shape[1], rounding_mode="floor").index_select(0, order)
+        grad_A.sub_(_sparse_mm(cols, rows, vals.index_select(0, order), x2.shape[::-1], gh2).t())
+    return grad_A
+
+
+def _add_grad_x(grad_x, gh2, A, drop):
+    """grad_x + (gh A zeroed at `drop`), in place into grad_x (None: a new tensor)."""
+    if grad_x is None:
+        grad_x = gh2 @ A
+        if drop is not None:
+            grad_x.view(-1).index_fill_(0, drop, 0.0)
+        return grad_x
+    if drop is not None:  # gh A at the dropped positions only, taken out again after the addmm_
+        rows, cols = _split(drop, A.shape[1])
+        dropped = (gh2.index_select(0, rows) * A.t().contiguous().index_select(0, cols)).sum(1)
+    grad_x.addmm_(gh2, A)
+    if drop is not None:
+        grad_x.view(-1).index_add_(0, drop, dropped, alpha=-1)
+    return grad_x
+
+
+def _out_grads(g2, h2, B, s, need_h, need_B):
+    """(s g B, s (h^T g)^T): the output side's gradients, in the fast layouts for a thin B."""
+    grad_h = F.linear(g2, B.t().contiguous()).mul_(s) if need_h else None
+    grad_B = (h2.t() @ g2).t().mul_(s) if need_B else None
+    return grad_h, grad_B
 
 
 class LoRAIn(torch.autograd.Function):
-    """h = ((x * keep) A^T) * factor for x (..., in), A (r, in): the input side."""
+    """h = (dropout(x) A^T) * factor for x (..., in), A (r, in): the input side. Dropout zeroes the
+    elements of x at the flat positions `drop` (None: no dropout). With D the sparse matrix of the
+    dropped elements of x, h = (x A^T - D A^T) * factor, grad_A = (gh^T x - (D^T gh)^T) * factor
+    and grad_x = gh A * factor zeroed at `drop`: sparse products over ~p of the elements, and no
+    dropped copy of x is made."""
 
     @staticmethod
-    def forward(ctx, x, A, keep, factor):
-        x2 = x.reshape(-1, x.shape[-1])
-        xd = x2 if keep is None else x2 * keep.reshape(x2.shape)
-        h = F.linear(xd, A)
-        if factor != 1.0:
-            h.mul_(factor)
-        ctx.save_for_backward(x, A, keep)
+    def forward(ctx, x, A, drop, factor):
+        h, vals = _in_forward(x.reshape(-1, x.shape[-1]), A, drop, factor)
+        ctx.save_for_backward(x, A, drop, vals)
         ctx.factor = factor
         return h.view(*x.shape[:-1], A.shape[0])
 
     @staticmethod
     def backward(ctx, gh):
-        x, A, keep = ctx.saved_tensors
+        x, A, drop, vals = ctx.saved_tensors
         gh2 = gh.reshape(-1, A.shape[0])
         if ctx.factor != 1.0:
             gh2 = gh2 * ctx.factor
         grad_x = grad_A = None
         if ctx.needs_input_grad[0]:
-            grad_x = gh2 @ A
-            if keep is not None:
-                grad_x.mul_(keep.reshape(grad_x.shape))
-            grad_x = grad_x.view(x.shape)
+            grad_x = _add_grad_x(None, gh2, A, drop).view(x.shape)
         if ctx.needs_input_grad[1]:
-            x2 = x.reshape(-1, x.shape[-1])
-            grad_A = gh2.t() @ (x2 if keep is None else x2 * keep.reshape(x2.shape))
+            grad_A = _grad_A(gh2, x.reshape(-1, x.shape[-1]), drop, vals)
         return grad_x, grad_A, None, None
 
 
@@ -93,13 +156,38 @@ class AddLoRA(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         h, B = ctx.saved_tensors
-        g2 = g.reshape(-1, g.shape[-1])
-        grad_h = grad_B = None
-        if ctx.needs_input_grad[1]:  # g @ B with B^T contiguous: the fast layout for a thin B
-            grad_h = F.linear(g2, B.t().contiguous()).mul_(ctx.s).view(h.shape)
-        if ctx.needs_input_grad[2]:  # (h^T g)^T rather than g^T h, for the same reason
-            grad_B = (h.reshape(-1, h.shape[-1]).t() @ g2).t().mul_(ctx.s)
-        return g, grad_h, grad_B, None, None
+        grad_h, grad_B = _out_grads(g.reshape(-1, g.shape[-1]), h.reshape(-1, h.shape[-1]), B, ctx.s,
+                                    ctx.needs_input_grad[1], ctx.needs_input_grad[2])
+        return g, None if grad_h is None else grad_h.view(h.shape), grad_B, None, None
+
+
+class LinearLoRA(torch.autograd.Function):
+    """F.linear(x, W, bias) + s * (dropout(x) A^T * factor) B^T as one autograd node, for a frozen
+    nn.Linear (W and bias get no gradient). Its backward adds the LoRA part of grad_x into the
+    base's grad_x in place. As two nodes (LoRAIn, AddLoRA), autograd allocates a second (tokens x
+    in) gradient and sums the two: on a CPU those fresh buffers page-fault, which cost ~7 ms each
+    for 2048 x 1376 floats inside a training step (bench/train.py)."""
+
+    @staticmethod
+    def forward(ctx, x, W, bias, A, B, s, drop, factor):
+        x2 = x.reshape(-1, x.shape[-1])
+        h, vals = _in_forward(x2, A, drop, factor)
+        out = F.linear(x2, W, bias).addmm_(h, B.t(), alpha=s)
+        ctx.save_for_backward(x, W, A, B, h, drop, vals)
+        ctx.s, ctx.factor = s, factor
+        return out.view(*x.shape[:-1], W.shape[0])
+
+    @staticmethod
+    def backward(ctx, g):
+        x, W, A, B, h, drop, vals = ctx.saved_tensors
+        g2, x2 = g.reshape(-1, g.shape[-1]), x.reshape(-1, x.shape[-1])
+        need_x, need_A, need_B = ctx.needs_input_grad[0], ctx.needs_input_grad[3], ctx.needs_input_grad[4]
+        gh2, grad_B = _out_grads(g2, h, B, ctx.s, need_x or need_A, need_B)
+        if gh2 is not None and ctx.factor != 1.0:
+            gh2.mul_(ctx.factor)
+        grad_A = _grad_A(gh2, x2, drop, vals) if need_A else None
+        grad_x = _add_grad_x(g2 @ W, gh2, A, drop).view(x.shape) if need_x else None
+        return grad_x, None, None, grad_A, grad_B, None, None, None
 
 
 def can_add_in_place(out: torch.Tensor) -> bool:
@@ -115,12 +203,12 @@ SAME_INPUT = ({"q_proj", "k_proj", "v_proj"}, {"query", "key", "value"}, {"q", "
 class SharedInput:
     """The LoRA pieces of one delta on sibling modules that usually read the same tensor
     (`SAME_INPUT`: q/k/v, gate/up). The first of them called with a tensor computes h for all of
-    them with one matmul against their concatenated A's (and one dropout mask); the others, called
+    them with one matmul against their concatenated A's (and one draw of dropped positions); the others, called
     with that very tensor (same object, unchanged), take their slices. A member called with
     another tensor (cross-attention's k/v read the encoder's output) computes for the group
     afresh: the result is always the per-module one, and it is the same at every call, so
     training resumes exactly and activation checkpointing recomputes the same values. Sharing
-    the mask makes the members' dropout correlated; each one's expectation is unchanged."""
+    the draw makes the members' dropout correlated; each one's expectation is unchanged."""
 
     def __init__(self, members: list):
         self.members = members
@@ -157,9 +245,9 @@ class SharedInput:
 
 
 def project(x, A, p: float, training: bool):
-    """h = dropout(x) A^T through LoRAIn, with `keep_mask` when dropout acts."""
+    """h = dropout(x) A^T through LoRAIn, with `drop_positions` when dropout acts."""
     if p > 0 and training:
-        keep, factor = keep_mask(x.shape, p, x.device)
-        return LoRAIn.apply(x, A, keep, factor)
+        drop, factor = drop_positions(x.numel(), p, x.device)
+        return LoRAIn.apply(x, A, drop, factor)
     return LoRAIn.apply(x, A, None, 1.0)
 
