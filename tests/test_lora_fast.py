@@ -251,6 +251,32 @@ def test_inference_with_many_rows_folds_the_update_into_one_matmul(monkeypatch):
     assert fused and all(f == ("shared" not in piece.__dict__) for piece, f in fused) and any(f for _, f in fused)
 
 
+def test_accelerate_hooks_on_the_base_module_still_run():
+    """A base module with accelerate's hook (offloading moves its weights in it) is called as itself,
+    in training and in inference with many rows, never bypassed by the fused or folded paths."""
+    from accelerate.hooks import ModelHook, add_hook_to_module
+
+    calls = []
+
+    class Counting(ModelHook):
+        def pre_forward(self, module, *args, **kwargs):
+            calls.append(module.training)
+            return args, kwargs
+
+    fast, plain = _pair("llama")
+    o, o_plain = (m.base_model.model.layers[0].self_attn.o_proj for m in (fast, plain))
+    add_hook_to_module(o.base_layer, Counting())
+    x = torch.randn(4, 64, o.base_layer.in_features)
+    o.train()
+    o_plain.train()
+    torch.testing.assert_close(o(x), o_plain(x), atol=1e-5, rtol=1e-5)
+    o.eval()
+    o_plain.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(o(x), o_plain(x), atol=1e-5, rtol=1e-5)
+    assert calls == [True, False]
+
+
 @pytest.mark.parametrize("p", [0.0, 0.3])
 def test_linear_lora_node_equals_the_formula(p):
     """The fused training node (a frozen nn.Linear and its LoRA in one autograd Function): output

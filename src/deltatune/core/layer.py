@@ -23,10 +23,12 @@ def first_input(args, kwargs):
 
 
 def _hooked(module: nn.Module) -> bool:
-    """Whether forward hooks see the module's call (and may keep its output)."""
+    """Whether hooks see the module's call (and may keep its output): torch's forward hooks, or
+    accelerate's (`_hf_hook`, run by the forward it wraps; offloading moves the weights there), so
+    that the module is called as itself, never computed around by a piece's `with_base`."""
     m = nn.modules.module
     return bool(module._forward_hooks or module._forward_pre_hooks or m._global_forward_hooks
-                or m._global_forward_pre_hooks)
+                or m._global_forward_pre_hooks or hasattr(module, "_hf_hook"))
 
 
 class DeltaLayer(nn.Module):
