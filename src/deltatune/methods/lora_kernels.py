@@ -78,8 +78,9 @@ def _grad_A(gh2, x2, drop, vals):
     elements ordered by column)."""
     grad_A = gh2.t() @ x2
     if drop is not None:
-        cols, order = drop.remainder(x2.shape[1]).sort(stable=True)
-        rows = drop.div(x2.shape[1], rounding_mode="floor").index_select(0, order)
+        rows, cols = _split(drop, x2.shape[1])
+        cols, order = cols.sort(stable=True)
+        rows = rows.index_select(0, order)
         grad_A.sub_(_sparse_mm(cols, rows, vals.index_select(0, order), x2.shape[::-1], gh2).t())
     return grad_A
 
