@@ -163,9 +163,11 @@ class LoRALinear(AddsToOutput):
         return self._plain(x, out, base_layer)
 
     def with_base(self, args, kwargs, base_layer):
-        """The base nn.Linear and this piece computed together. Training (gradients on): one
-        autograd node (lora_kernels.LinearLoRA) that adds the LoRA part of grad_x in place, for a
-        frozen base and a piece not sharing its input's matmul with siblings. Inference: F.linear(x,
+        """The base nn.Linear and this piece computed together. Training (gradients on), for a frozen
+        base: one autograd node (lora_kernels.LinearLoRA) whose grad_x includes the LoRA's part. A
+        piece sharing its input's matmul with siblings (q/k/v) hands it its slice of that matmul,
+        detached, and the node gives A its gradient; with dropout acting, such pieces keep the
+        shared separate nodes (one set of sparse corrections for the group). Inference: F.linear(x,
         W + s B A, bias), one matmul and no pass over the output; building W + s B A costs
         (out x in) writes, the thin products (rows x (in + out)), so it is used only when the rows
         outnumber in*out / (in + out), and a decoding step with a few rows keeps the thin path."""
@@ -177,11 +179,19 @@ class LoRALinear(AddsToOutput):
         dropout = self.training and isinstance(self.lora_dropout, nn.Dropout)
         if torch.is_grad_enabled():
             bias = base_layer.bias
-            if "shared" in self.__dict__ or W.requires_grad or (bias is not None and bias.requires_grad):
+            if W.requires_grad or (bias is not None and bias.requires_grad):
                 return None
-            drop, factor = (lora_kernels.drop_positions(x.numel(), self.lora_dropout.p, x.device) if dropout
-                            else (None, 1.0))
-            return LinearLoRA.apply(x, W, bias, self.lora_A.weight, self.lora_B.weight, self.scale, drop, factor)
+            shared = self.__dict__.get("shared")
+            h = None
+            if shared is not None:
+                if dropout:  # each node would redo the group's sparse corrections (gathers, a sort): slower
+                    return None
+                h, drop, factor = shared.h_for(self, x, 0.0, self.training)  # the group's matmul, detached:
+                h = h.detach()                                              # this node gives A its gradient
+            else:
+                drop, factor = (lora_kernels.drop_positions(x.numel(), self.lora_dropout.p, x.device) if dropout
+                                else (None, 1.0))
+            return LinearLoRA.apply(x, W, bias, self.lora_A.weight, self.lora_B.weight, self.scale, drop, factor, h)
         out_f, in_f = W.shape
         if dropout or x.numel() // in_f * (in_f + out_f) < in_f * out_f:
             return None
@@ -197,8 +207,8 @@ class LoRALinear(AddsToOutput):
     def _add(self, x, out, in_place):
         p = self.lora_dropout.p if isinstance(self.lora_dropout, nn.Dropout) else 0.0
         shared = self.__dict__.get("shared")
-        h = shared.h_for(self, x, p, self.training) if shared is not None else project(
-            x, self.lora_A.weight, p, self.training)
+        h = (shared.h_for(self, x, p, self.training) if shared is not None else project(
+            x, self.lora_A.weight, p, self.training))[0]
         return AddLoRA.apply(out, h, self.lora_B.weight, self.scale, in_place)
 
     def _plain(self, x, out, base_layer):

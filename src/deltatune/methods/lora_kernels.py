@@ -12,7 +12,9 @@ at dropout 0.05 (bench/train.py). Where the time went, and what this file does i
   convert and apply: `drop_positions` draws only the dropped positions (~p of them), and
   `LoRAIn` takes their terms out of x A^T and of the gradients, never copying x. Modules that
   read the same input tensor (q/k/v, gate/up) share one draw and one matmul with their
-  concatenated A's (`SharedInput`).
+  concatenated A's (`SharedInput`);
+- beside a frozen nn.Linear (`LinearLoRA`, one node for both), in float32 the update rides on the
+  base products, W + s B A, instead of adding thin products to the output and to grad_x.
 Outputs equal the plain path's (tests/test_lora_fast.py); dropout's random draws differ from
 F.dropout's, its distribution does not.
 """
@@ -85,6 +87,12 @@ def _grad_A(gh2, x2, drop, vals):
     return grad_A
 
 
+def _dropped_terms(gh2, A, drop):
+    """(gh A) at the flat positions `drop` only: what dropout takes out of grad_x."""
+    rows, cols = _split(drop, A.shape[1])
+    return (gh2.index_select(0, rows) * A.t().contiguous().index_select(0, cols)).sum(1)
+
+
 def _add_grad_x(grad_x, gh2, A, drop):
     """grad_x + (gh A zeroed at `drop`), in place into grad_x (None: a new tensor)."""
     if grad_x is None:
@@ -92,13 +100,17 @@ def _add_grad_x(grad_x, gh2, A, drop):
         if drop is not None:
             grad_x.view(-1).index_fill_(0, drop, 0.0)
         return grad_x
-    if drop is not None:  # gh A at the dropped positions only, taken out again after the addmm_
-        rows, cols = _split(drop, A.shape[1])
-        dropped = (gh2.index_select(0, rows) * A.t().contiguous().index_select(0, cols)).sum(1)
+    dropped = _dropped_terms(gh2, A, drop) if drop is not None else None  # taken out again after the addmm_
     grad_x.addmm_(gh2, A)
     if drop is not None:
         grad_x.view(-1).index_add_(0, drop, dropped, alpha=-1)
     return grad_x
+
+
+def folds(W) -> bool:
+    """Whether W + c B A may stand for W in a product: in float32/64 the update keeps its digits; in
+    a half type, rounding W + c B A to W's spacing would swallow a small update."""
+    return W.dtype in (torch.float32, torch.float64)
 
 
 def _out_grads(g2, h2, B, s, need_h, need_B):
@@ -163,17 +175,30 @@ class AddLoRA(torch.autograd.Function):
 
 
 class LinearLoRA(torch.autograd.Function):
-    """F.linear(x, W, bias) + s * (dropout(x) A^T * factor) B^T as one autograd node, for a frozen
-    nn.Linear (W and bias get no gradient). Its backward adds the LoRA part of grad_x into the
-    base's grad_x in place. As two nodes (LoRAIn, AddLoRA), autograd allocates a second (tokens x
-    in) gradient and sums the two: on a CPU those fresh buffers page-fault, which cost ~7 ms each
-    for 2048 x 1376 floats inside a training step (bench/train.py)."""
+    """F.linear(x, W, bias) + s * h B^T with h = dropout(x) A^T * factor, as one autograd node for a
+    frozen nn.Linear (W and bias get no gradient). `h` may come computed (the detached slice of a
+    matmul shared with sibling modules, SharedInput); this node then still gives A its gradient.
+
+    In float32/64 (`folds`) the LoRA's x-side work rides on the base matmuls: without dropout the
+    forward is F.linear(x, W + s B A, bias), and the backward's grad_x is g (W + s factor B A),
+    minus gh A at the dropped positions. Building W + c B A costs (out x in) writes; adding the
+    LoRA's own products costs passes over the (tokens x out) output and the (tokens x in) grad_x,
+    and, as separate nodes, a fresh (tokens x in) gradient that autograd sums with the base's: on a
+    CPU those fresh buffers page-fault, ~7 ms each for 2048 x 1376 floats (bench/train.py). In a
+    half type the products are added in place instead (addmm_)."""
 
     @staticmethod
-    def forward(ctx, x, W, bias, A, B, s, drop, factor):
+    def forward(ctx, x, W, bias, A, B, s, drop, factor, h=None):
         x2 = x.reshape(-1, x.shape[-1])
-        h, vals = _in_forward(x2, A, drop, factor)
-        out = F.linear(x2, W, bias).addmm_(h, B.t(), alpha=s)
+        if h is None:
+            h, vals = _in_forward(x2, A, drop, factor)
+        else:
+            h = h.reshape(-1, A.shape[0])
+            vals = None if drop is None else x2.reshape(-1).index_select(0, drop)
+        if drop is None and folds(W):
+            out = F.linear(x2, torch.addmm(W, B, A, alpha=s), bias)
+        else:
+            out = F.linear(x2, W, bias).addmm_(h, B.t(), alpha=s)
         ctx.save_for_backward(x, W, A, B, h, drop, vals)
         ctx.s, ctx.factor = s, factor
         return out.view(*x.shape[:-1], W.shape[0])
@@ -183,12 +208,21 @@ class LinearLoRA(torch.autograd.Function):
         x, W, A, B, h, drop, vals = ctx.saved_tensors
         g2, x2 = g.reshape(-1, g.shape[-1]), x.reshape(-1, x.shape[-1])
         need_x, need_A, need_B = ctx.needs_input_grad[0], ctx.needs_input_grad[3], ctx.needs_input_grad[4]
-        gh2, grad_B = _out_grads(g2, h, B, ctx.s, need_x or need_A, need_B)
+        fold = folds(W)
+        need_gh = need_A or (need_x and (drop is not None or not fold))
+        gh2, grad_B = _out_grads(g2, h, B, ctx.s, need_gh, need_B)
         if gh2 is not None and ctx.factor != 1.0:
             gh2.mul_(ctx.factor)
         grad_A = _grad_A(gh2, x2, drop, vals) if need_A else None
-        grad_x = _add_grad_x(g2 @ W, gh2, A, drop).view(x.shape) if need_x else None
-        return grad_x, None, None, grad_A, grad_B, None, None, None
+        grad_x = None
+        if need_x and fold:
+            grad_x = g2 @ torch.addmm(W, B, A, alpha=ctx.s * ctx.factor)
+            if drop is not None:
+                grad_x.view(-1).index_add_(0, drop, _dropped_terms(gh2, A, drop), alpha=-1)
+        elif need_x:
+            grad_x = _add_grad_x(g2 @ W, gh2, A, drop)
+        grad_x = None if grad_x is None else grad_x.view(x.shape)
+        return grad_x, None, None, grad_A, grad_B, None, None, None, None
 
 
 def can_add_in_place(out: torch.Tensor) -> bool:
@@ -216,7 +250,7 @@ class SharedInput:
         self._clear()
 
     def _clear(self):
-        self.x_ref, self.key, self.h = None, None, {}
+        self.x_ref, self.key, self.h, self.draw = None, None, {}, None
 
     def __getstate__(self):  # the cache (a weak reference, tensors) is never copied or pickled
         return {"members": self.members}
@@ -226,29 +260,31 @@ class SharedInput:
         self._clear()
 
     def h_for(self, piece, x, p: float, training: bool):
+        """(h of `piece` for x, the dropped positions of x or None, the rescale): h carries
+        autograd to x and the members' A's; the draw is the group's one."""
         key = (x._version, training, torch.is_grad_enabled(), p)
         weight = piece.lora_A.weight
         if piece in self.h and self.x_ref() is x and self.key == key:
             h, used, version = self.h.pop(piece)
+            draw = self.draw
             if not self.h:
                 self._clear()
             if used is weight and version == weight._version:  # not swapped (functional_call) or changed
-                return h
+                return (h, *draw)
         As = [m.lora_A.weight for m in self.members]
-        h_all = project(x, torch.cat(As), p, training)
+        h_all, drop, factor = project(x, torch.cat(As), p, training)
         self._clear()
         start = 0
         for m, A in zip(self.members, As):
             self.h[m] = (h_all[..., start:start + A.shape[0]], A, A._version)
             start += A.shape[0]
-        self.x_ref, self.key = weakref.ref(x), key
-        return self.h.pop(piece)[0]
+        self.x_ref, self.key, self.draw = weakref.ref(x), key, (drop, factor)
+        return (self.h.pop(piece)[0], drop, factor)
 
 
 def project(x, A, p: float, training: bool):
-    """h = dropout(x) A^T through LoRAIn, with `drop_positions` when dropout acts."""
-    if p > 0 and training:
-        drop, factor = drop_positions(x.numel(), p, x.device)
-        return LoRAIn.apply(x, A, drop, factor)
-    return LoRAIn.apply(x, A, None, 1.0)
+    """(h = dropout(x) A^T through LoRAIn, the dropped positions or None, the rescale), with
+    `drop_positions` when dropout acts."""
+    drop, factor = drop_positions(x.numel(), p, x.device) if p > 0 and training else (None, 1.0)
+    return LoRAIn.apply(x, A, drop, factor), drop, factor
 
