@@ -278,12 +278,16 @@ def test_accelerate_hooks_on_the_base_module_still_run():
 
 
 @pytest.mark.parametrize("p", [0.0, 0.3])
-def test_linear_lora_node_equals_the_formula(p):
+@pytest.mark.parametrize("rows", [21, 1])
+def test_linear_lora_node_equals_the_formula(p, rows):
     """The fused training node (a frozen nn.Linear and its LoRA in one autograd Function): output
-    and the gradients of x, A and B equal autograd's through the plain formula with the same drops."""
+    and the gradients of x, A and B equal autograd's through the plain formula with the same drops,
+    with the update folded into W (21 rows) and added in place (1 row: building W + s B A would
+    cost more than it saves)."""
     torch.manual_seed(0)
-    x = torch.randn(3, 7, 16, requires_grad=True)
+    x = torch.randn(rows // 7 or 1, min(rows, 7), 16, requires_grad=True)
     W, bias = torch.randn(12, 16), torch.randn(12)
+    assert lora_kernels.folds(W, rows) == (rows > 1) and not lora_kernels.folds(W.bfloat16(), rows)
     A, B = torch.randn(4, 16, requires_grad=True), torch.randn(12, 4, requires_grad=True)
     drop, factor = lora_kernels.drop_positions(x.numel(), p, "cpu") if p else (None, 1.0)
     out = lora_kernels.LinearLoRA.apply(x, W, bias, A, B, 0.5, drop, factor)

@@ -107,10 +107,13 @@ def _add_grad_x(grad_x, gh2, A, drop):
     return grad_x
 
 
-def folds(W) -> bool:
-    """Whether W + c B A may stand for W in a product: in float32/64 the update keeps its digits; in
-    a half type, rounding W + c B A to W's spacing would swallow a small update."""
-    return W.dtype in (torch.float32, torch.float64)
+def folds(W, rows: int) -> bool:
+    """Whether W + c B A should stand for W in a product with `rows` rows: in float32/64 the update
+    keeps its digits (in a half type, rounding W + c B A to W's spacing would swallow a small
+    update), and building it, (out x in) writes, costs less than the passes it saves, rows x (in +
+    out) (a few rows, or a huge output layer such as a vocabulary's, keep the in-place adds)."""
+    out_f, in_f = W.shape
+    return W.dtype in (torch.float32, torch.float64) and rows * (in_f + out_f) >= in_f * out_f
 
 
 def _out_grads(g2, h2, B, s, need_h, need_B):
@@ -195,7 +198,7 @@ class LinearLoRA(torch.autograd.Function):
         else:
             h = h.reshape(-1, A.shape[0])
             vals = None if drop is None else x2.reshape(-1).index_select(0, drop)
-        if drop is None and folds(W):
+        if drop is None and folds(W, x2.shape[0]):
             out = F.linear(x2, torch.addmm(W, B, A, alpha=s), bias)
         else:
             out = F.linear(x2, W, bias).addmm_(h, B.t(), alpha=s)
@@ -208,7 +211,7 @@ class LinearLoRA(torch.autograd.Function):
         x, W, A, B, h, drop, vals = ctx.saved_tensors
         g2, x2 = g.reshape(-1, g.shape[-1]), x.reshape(-1, x.shape[-1])
         need_x, need_A, need_B = ctx.needs_input_grad[0], ctx.needs_input_grad[3], ctx.needs_input_grad[4]
-        fold = folds(W)
+        fold = folds(W, g2.shape[0])
         need_gh = need_A or (need_x and (drop is not None or not fold))
         gh2, grad_B = _out_grads(g2, h, B, ctx.s, need_gh, need_B)
         if gh2 is not None and ctx.factor != 1.0:
