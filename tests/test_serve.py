@@ -220,12 +220,14 @@ def test_disconnects_and_timeouts_free_their_slot(root):
         next(iter(stream))
         stream.close()  # the client goes away mid-stream
         assert _until(lambda: _running(srv) == 0)
+        # min_tokens: a sampled end-of-sequence must not end these requests before the timeouts do
         with pytest.raises(httpx.TimeoutException):  # a non-streaming client that gives up
-            httpx.post(srv.url + "/v1/completions", json={"model": "tiny", "prompt": "x", "max_tokens": 2000},
-                       timeout=0.5)
+            httpx.post(srv.url + "/v1/completions", timeout=0.5,
+                       json={"model": "tiny", "prompt": "x", "max_tokens": 2000, "min_tokens": 2000})
         assert _until(lambda: _running(srv) == 0)
         with pytest.raises(openai.APIStatusError) as e:  # the server's own request timeout
-            client.completions.create(model="tiny:lora2", prompt="x", max_tokens=2000)
+            client.completions.create(model="tiny:lora2", prompt="x", max_tokens=2000,
+                                      extra_body={"min_tokens": 2000})
         assert e.value.status_code == 504 and _until(lambda: _running(srv) == 0)
     finally:
         srv.stop()
