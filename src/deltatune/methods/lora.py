@@ -182,18 +182,16 @@ class LoRALinear(AddsToOutput):
             if W.requires_grad or (bias is not None and bias.requires_grad):
                 return None
             shared = self.__dict__.get("shared")
-            h = None
+            h, drop, factor = None, None, 1.0
             if shared is not None:
                 if dropout:  # each node would redo the group's sparse corrections (gathers, a sort): slower
                     return None
-                h, drop, factor = shared.h_for(self, x, 0.0, self.training)  # the group's matmul, detached:
-                h = h.detach()                                              # this node gives A its gradient
-            else:
-                drop, factor = (lora_kernels.drop_positions(x.numel(), self.lora_dropout.p, x.device) if dropout
-                                else (None, 1.0))
+                # the group's one matmul, detached: the node gives A its gradient itself
+                h = shared.h_for(self, x, 0.0, self.training).detach()
+            elif dropout:
+                drop, factor = lora_kernels.drop_positions(x.numel(), self.lora_dropout.p, x.device)
             return LinearLoRA.apply(x, W, bias, self.lora_A.weight, self.lora_B.weight, self.scale, drop, factor, h)
-        out_f, in_f = W.shape
-        if dropout or x.numel() // in_f * (in_f + out_f) < in_f * out_f:
+        if dropout or not lora_kernels.fold_pays(W, x.numel() // W.shape[1]):
             return None
         return F.linear(x, torch.addmm(W, self.lora_B.weight, self.lora_A.weight, alpha=self.scale), base_layer.bias)
 
@@ -207,8 +205,8 @@ class LoRALinear(AddsToOutput):
     def _add(self, x, out, in_place):
         p = self.lora_dropout.p if isinstance(self.lora_dropout, nn.Dropout) else 0.0
         shared = self.__dict__.get("shared")
-        h = (shared.h_for(self, x, p, self.training) if shared is not None else project(
-            x, self.lora_A.weight, p, self.training))[0]
+        h = shared.h_for(self, x, p, self.training) if shared is not None else project(
+            x, self.lora_A.weight, p, self.training)
         return AddLoRA.apply(out, h, self.lora_B.weight, self.scale, in_place)
 
     def _plain(self, x, out, base_layer):

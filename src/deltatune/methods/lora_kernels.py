@@ -107,13 +107,19 @@ def _add_grad_x(grad_x, gh2, A, drop):
     return grad_x
 
 
-def folds(W, rows: int) -> bool:
-    """Whether W + c B A should stand for W in a product with `rows` rows: in float32/64 the update
-    keeps its digits (in a half type, rounding W + c B A to W's spacing would swallow a small
-    update), and building it, (out x in) writes, costs less than the passes it saves, rows x (in +
-    out) (a few rows, or a huge output layer such as a vocabulary's, keep the in-place adds)."""
+def fold_pays(W, rows: int) -> bool:
+    """Whether building W + c B A, (out x in) writes, costs less than the LoRA's thin products and
+    passes it saves in a product with `rows` rows, rows x (in + out): a few rows (a decoding step),
+    or a huge output layer such as a vocabulary's, keep the thin path."""
     out_f, in_f = W.shape
-    return W.dtype in (torch.float32, torch.float64) and rows * (in_f + out_f) >= in_f * out_f
+    return rows * (in_f + out_f) >= in_f * out_f
+
+
+def folds(W, rows: int) -> bool:
+    """Whether W + c B A should stand for W in a training product: `fold_pays`, and in float32/64,
+    where the update keeps its digits (in a half type, rounding W + c B A to W's spacing would
+    swallow a small update)."""
+    return W.dtype in (torch.float32, torch.float64) and fold_pays(W, rows)
 
 
 def _out_grads(g2, h2, B, s, need_h, need_B):
@@ -253,7 +259,7 @@ class SharedInput:
         self._clear()
 
     def _clear(self):
-        self.x_ref, self.key, self.h, self.draw = None, None, {}, None
+        self.x_ref, self.key, self.h = None, None, {}
 
     def __getstate__(self):  # the cache (a weak reference, tensors) is never copied or pickled
         return {"members": self.members}
@@ -263,31 +269,29 @@ class SharedInput:
         self._clear()
 
     def h_for(self, piece, x, p: float, training: bool):
-        """(h of `piece` for x, the dropped positions of x or None, the rescale): h carries
-        autograd to x and the members' A's; the draw is the group's one."""
         key = (x._version, training, torch.is_grad_enabled(), p)
         weight = piece.lora_A.weight
         if piece in self.h and self.x_ref() is x and self.key == key:
             h, used, version = self.h.pop(piece)
-            draw = self.draw
             if not self.h:
                 self._clear()
             if used is weight and version == weight._version:  # not swapped (functional_call) or changed
-                return (h, *draw)
+                return h
         As = [m.lora_A.weight for m in self.members]
-        h_all, drop, factor = project(x, torch.cat(As), p, training)
+        h_all = project(x, torch.cat(As), p, training)
         self._clear()
         start = 0
         for m, A in zip(self.members, As):
             self.h[m] = (h_all[..., start:start + A.shape[0]], A, A._version)
             start += A.shape[0]
-        self.x_ref, self.key, self.draw = weakref.ref(x), key, (drop, factor)
-        return (self.h.pop(piece)[0], drop, factor)
+        self.x_ref, self.key = weakref.ref(x), key
+        return self.h.pop(piece)[0]
 
 
 def project(x, A, p: float, training: bool):
-    """(h = dropout(x) A^T through LoRAIn, the dropped positions or None, the rescale), with
-    `drop_positions` when dropout acts."""
-    drop, factor = drop_positions(x.numel(), p, x.device) if p > 0 and training else (None, 1.0)
-    return LoRAIn.apply(x, A, drop, factor), drop, factor
+    """h = dropout(x) A^T through LoRAIn, with `drop_positions` when dropout acts."""
+    if p > 0 and training:
+        drop, factor = drop_positions(x.numel(), p, x.device)
+        return LoRAIn.apply(x, A, drop, factor)
+    return LoRAIn.apply(x, A, None, 1.0)
 
