@@ -123,20 +123,35 @@ def _keep(drop, shape):
     return keep.view(shape)
 
 
+def _dropped(x, drops):
+    """x with dropout applied by hand: zeroed at the draw's positions and rescaled."""
+    return x if drops is None else x * _keep(drops.drop, x.shape).to(x.dtype) * drops.factor
+
+
+def test_drops_hold_the_dropped_elements_as_a_sparse_matrix_and_its_transpose():
+    torch.manual_seed(0)
+    x = torch.randn(3, 7, 16)
+    drops = lora_kernels.Drops(x, 0.3)
+    dense = (x * (1 - _keep(drops.drop, x.shape))).view(21, 16)  # D: the dropped elements, zeros elsewhere
+    torch.testing.assert_close(drops.matrix().to_dense(), dense)
+    torch.testing.assert_close(drops.transposed().to_dense(), dense.t())
+    assert drops.transposed() is drops.transposed() and drops.rows.dtype == torch.int32
+
+
 def test_lora_in_with_dropout_equals_the_masked_formula():
     torch.manual_seed(0)
     x = torch.randn(3, 7, 16, requires_grad=True)
     A = torch.randn(4, 16, requires_grad=True)
-    drop, factor = lora_kernels.drop_positions(x.numel(), 0.3, "cpu")
-    h = lora_kernels.LoRAIn.apply(x, A, drop, factor)
+    drops = lora_kernels.Drops(x, 0.3)
+    h = lora_kernels.LoRAIn.apply(x, A, drops)
     g = torch.randn_like(h)
     gx, gA = torch.autograd.grad(h, (x, A), g)
-    want = torch.nn.functional.linear(x * _keep(drop, x.shape) * factor, A)
+    want = torch.nn.functional.linear(_dropped(x, drops), A)
     wx, wA = torch.autograd.grad(want, (x, A), g)
     torch.testing.assert_close(h, want, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(gx, wx, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(gA, wA, atol=1e-5, rtol=1e-5)
-    assert (gx.view(-1)[drop] == 0).all()
+    assert (gx.view(-1)[drops.drop] == 0).all()
 
 
 def test_dropout_uses_one_draw_for_siblings_and_matches_the_formula(monkeypatch):
@@ -289,11 +304,11 @@ def test_linear_lora_node_equals_the_formula(p, rows):
     W, bias = torch.randn(12, 16), torch.randn(12)
     assert lora_kernels.folds(W, rows) == (rows > 1) and not lora_kernels.folds(W.bfloat16(), rows)
     A, B = torch.randn(4, 16, requires_grad=True), torch.randn(12, 4, requires_grad=True)
-    drop, factor = lora_kernels.drop_positions(x.numel(), p, "cpu") if p else (None, 1.0)
-    out = lora_kernels.LinearLoRA.apply(x, W, bias, A, B, 0.5, drop, factor)
+    drops = lora_kernels.Drops(x, p) if p else None
+    out = lora_kernels.LinearLoRA.apply(x, W, bias, A, B, 0.5, drops)
     g = torch.randn_like(out)
     got = torch.autograd.grad(out, (x, A, B), g)
-    xd = x if drop is None else x * _keep(drop, x.shape) * factor
+    xd = _dropped(x, drops)
     want_out = torch.nn.functional.linear(x, W, bias) + torch.nn.functional.linear(xd, A) @ B.t() * 0.5
     want = torch.autograd.grad(want_out, (x, A, B), g)
     torch.testing.assert_close(out, want_out, atol=1e-5, rtol=1e-5)
@@ -313,13 +328,13 @@ def test_linear_lora_node_with_a_given_h_equals_the_formula(p, dtype):
     W, bias = torch.randn(12, 16, dtype=dtype), torch.randn(12, dtype=dtype)
     A = torch.randn(4, 16, dtype=dtype, requires_grad=True)
     B = torch.randn(12, 4, dtype=dtype, requires_grad=True)
-    drop, factor = lora_kernels.drop_positions(x.numel(), p, "cpu") if p else (None, 1.0)
-    h = lora_kernels.LoRAIn.apply(x, A, drop, factor).detach()
-    out = lora_kernels.LinearLoRA.apply(x, W, bias, A, B, 0.5, drop, factor, h)
+    drops = lora_kernels.Drops(x, p) if p else None
+    h = lora_kernels.LoRAIn.apply(x, A, drops).detach()
+    out = lora_kernels.LinearLoRA.apply(x, W, bias, A, B, 0.5, drops, h)
     g = torch.randn_like(out)
     got = torch.autograd.grad(out, (x, A, B), g)
     f32 = [t.detach().float().requires_grad_() for t in (x, A, B)]
-    xd = f32[0] if drop is None else f32[0] * _keep(drop, x.shape) * factor
+    xd = _dropped(f32[0], drops)
     want_out = torch.nn.functional.linear(f32[0], W.float(), bias.float()) + xd @ f32[1].t() @ f32[2].t() * 0.5
     want = torch.autograd.grad(want_out, f32, g.float())
     torch.testing.assert_close(out.float(), want_out, **tol)
@@ -327,28 +342,41 @@ def test_linear_lora_node_with_a_given_h_equals_the_formula(p, dtype):
         torch.testing.assert_close(a.float(), b, **tol)
 
 
-def test_siblings_gradients_equal_the_plain_path_with_some_members_not_fused():
-    """q/k/v share one matmul; q and k train through fused nodes (detached slices), v, with a
-    forward hook, through the separate nodes of the shared matmul: every A and B and x get the
-    plain path's gradients."""
-    fast, plain = _pair("llama")
-    attn, attn_plain = (m.base_model.model.layers[0].self_attn for m in (fast, plain))
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_siblings_gradients_equal_the_formula_with_some_members_not_fused(dropout, monkeypatch):
+    """q/k/v share one matmul and one dropout draw; q and k train through fused nodes (detached
+    slices, the group's draw), v, with a forward hook, through the separate nodes of the shared
+    matmul: the outputs and the gradients of x and of every A and B equal autograd's through
+    base(x) + B A dropout(x) s, with the same draw."""
+    fast, _ = _pair("llama", dropout=dropout)
+    draws = []
+    real = lora_kernels.Drops
+
+    def recording(x, p):
+        draws.append(real(x, p))
+        return draws[-1]
+    monkeypatch.setattr(lora_kernels, "Drops", recording)
+    attn = fast.base_model.model.layers[0].self_attn
     handle = attn.v_proj.base_layer.register_forward_hook(lambda m, i, out: None)
     x = torch.randn(2, 9, 32, requires_grad=True)
-    xp = x.detach().clone().requires_grad_()
-    grads = []
-    for a, inp in ((attn, x), (attn_plain, xp)):
-        a.train()
-        outs = [getattr(a, n)(inp) for n in ("q_proj", "k_proj", "v_proj")]
-        if a is attn:
-            assert [type(o.grad_fn).__name__ == "LinearLoRABackward" for o in outs] == [True, True, False]
-        sum(o.square().sum() for o in outs).backward()
-        grads.append([inp.grad] + [p.grad for n in ("q_proj", "k_proj", "v_proj")
-                                   for p in (getattr(a, n).deltas["default"].lora_A.weight,
-                                             getattr(a, n).deltas["default"].lora_B.weight)])
+    attn.train()
+    names = ("q_proj", "k_proj", "v_proj")
+    outs = [getattr(attn, n)(x) for n in names]
     handle.remove()
-    for got, want in zip(*grads):
-        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+    assert [type(o.grad_fn).__name__ == "LinearLoRABackward" for o in outs] == [True, True, False]
+    assert len(draws) == (1 if dropout else 0)
+    params = [p for n in names for p in (getattr(attn, n).deltas["default"].lora_A.weight,
+                                         getattr(attn, n).deltas["default"].lora_B.weight)]
+    weights = [torch.randn_like(o) for o in outs]
+    got = torch.autograd.grad(sum((o * w).sum() for o, w in zip(outs, weights)), [x] + params)
+    xd = _dropped(x, draws[0] if draws else None)
+    wants = [getattr(attn, n).base_layer(x) + torch.nn.functional.linear(xd, A) @ B.t() * getattr(attn, n).deltas["default"].scale
+             for n, A, B in zip(names, params[0::2], params[1::2])]
+    for out, want in zip(outs, wants):
+        torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
+    expected = torch.autograd.grad(sum((o * w).sum() for o, w in zip(wants, weights)), [x] + params)
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
 
 
 def test_trained_base_weights_keep_the_separate_nodes():

@@ -165,9 +165,9 @@ class LoRALinear(AddsToOutput):
     def with_base(self, args, kwargs, base_layer):
         """The base nn.Linear and this piece computed together. Training (gradients on), for a frozen
         base: one autograd node (lora_kernels.LinearLoRA) whose grad_x includes the LoRA's part. A
-        piece sharing its input's matmul with siblings (q/k/v) hands it its slice of that matmul,
-        detached, and the node gives A its gradient; with dropout acting, such pieces keep the
-        shared separate nodes (one set of sparse corrections for the group). Inference: F.linear(x,
+        piece sharing its input's matmul and dropout draw with siblings (q/k/v) hands it its slice of
+        that matmul, detached, and the draw (whose column-ordered D^T the group builds once); the
+        node gives A its gradient. Inference: F.linear(x,
         W + s B A, bias), one matmul and no pass over the output; building W + s B A costs
         (out x in) writes, the thin products (rows x (in + out)), so it is used only when the rows
         outnumber in*out / (in + out), and a decoding step with a few rows keeps the thin path."""
@@ -182,15 +182,13 @@ class LoRALinear(AddsToOutput):
             if W.requires_grad or (bias is not None and bias.requires_grad):
                 return None
             shared = self.__dict__.get("shared")
-            h, drop, factor = None, None, 1.0
-            if shared is not None:
-                if dropout:  # each node would redo the group's sparse corrections (gathers, a sort): slower
-                    return None
-                # the group's one matmul, detached: the node gives A its gradient itself
-                h = shared.h_for(self, x, 0.0, self.training).detach()
+            h, drops = None, None
+            if shared is not None:  # the group's one matmul and draw, h detached: the node gives A its gradient
+                h, drops = shared.h_for(self, x, self._dropout_p(), self.training)
+                h = h.detach()
             elif dropout:
-                drop, factor = lora_kernels.drop_positions(x.numel(), self.lora_dropout.p, x.device)
-            return LinearLoRA.apply(x, W, bias, self.lora_A.weight, self.lora_B.weight, self.scale, drop, factor, h)
+                drops = lora_kernels.Drops(x, self.lora_dropout.p)
+            return LinearLoRA.apply(x, W, bias, self.lora_A.weight, self.lora_B.weight, self.scale, drops, h)
         if dropout or not lora_kernels.fold_pays(W, x.numel() // W.shape[1]):
             return None
         return F.linear(x, torch.addmm(W, self.lora_B.weight, self.lora_A.weight, alpha=self.scale), base_layer.bias)
@@ -202,10 +200,13 @@ class LoRALinear(AddsToOutput):
         return (not self.use_dora and self.lora_B.bias is None and x.dtype == dtype and out.dtype == dtype
                 and not torch.is_autocast_enabled(x.device.type) and not torch.compiler.is_compiling())
 
+    def _dropout_p(self) -> float:
+        return self.lora_dropout.p if isinstance(self.lora_dropout, nn.Dropout) else 0.0
+
     def _add(self, x, out, in_place):
-        p = self.lora_dropout.p if isinstance(self.lora_dropout, nn.Dropout) else 0.0
+        p = self._dropout_p()
         shared = self.__dict__.get("shared")
-        h = shared.h_for(self, x, p, self.training) if shared is not None else project(
+        h, _ = shared.h_for(self, x, p, self.training) if shared is not None else project(
             x, self.lora_A.weight, p, self.training)
         return AddLoRA.apply(out, h, self.lora_B.weight, self.scale, in_place)
 
