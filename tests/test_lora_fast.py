@@ -227,6 +227,20 @@ def test_gradient_checkpointing_matches_plain():
         torch.testing.assert_close(grads_f[n], grads_p[n], atol=1e-5, rtol=1e-4, msg=n)
 
 
+def test_gradient_checkpointing_with_dropout_recomputes_the_same_draws():
+    """With dropout, a checkpointed layer recomputes its forward in the backward: the draws repeat
+    (checkpoint restores the random state), so the gradients equal those of the run without it."""
+    fast, _ = _pair("llama", dropout=0.1)
+    b = batch("llama")
+    b.pop("labels", None)
+    out, grads = _loss_and_grads(fast, b)
+    fast.base_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    out_c, grads_c = _loss_and_grads(fast, b)
+    torch.testing.assert_close(out_c, out, atol=1e-5, rtol=1e-5)
+    for n in grads:
+        torch.testing.assert_close(grads_c[n], grads[n], atol=1e-5, rtol=1e-4, msg=n)
+
+
 def test_copies_and_pickles_without_the_cache():
     fast, _ = _pair("llama")
     with torch.no_grad():
