@@ -330,6 +330,39 @@ def test_linear_lora_node_equals_the_formula(p, rows):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("n", [1024, 1030])
+def test_thin_products_in_row_blocks_equal_one_product(n):
+    """h = x A^T and the sums over tokens a^T b, in 4 row blocks from 1024 rows (n % 4 == 0; 1030
+    rows take the one-call fallback): equal to the products in float64 within float32 rounding."""
+    torch.manual_seed(0)
+    x, A, g = torch.randn(n, 64) / 6, torch.randn(8, 64) / 6, torch.randn(n, 40) / 6  # sums of O(1)
+    assert lora_kernels._blocks(n, x) == (n == 1024)
+    torch.testing.assert_close(lora_kernels._thin(x, A).double(), x.double() @ A.double().t(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lora_kernels._tn(x, g).double(), x.double().t() @ g.double(), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("p", [0.0, 0.05])
+def test_linear_lora_node_in_row_blocks_equals_the_formula(p):
+    """The node at 1024 rows (its thin products in row blocks): output and gradients equal the plain
+    formula's with the same drops, computed in float64 (sums over 1024 tokens differ between
+    float32 summation orders by more than 1e-5)."""
+    torch.manual_seed(0)
+    x = (torch.randn(4, 256, 64) / 6).requires_grad_()  # sums over the 1024 tokens of O(1)
+    W, bias = torch.randn(48, 64) / 8, torch.randn(48)
+    A, B = (torch.randn(8, 64) / 8).requires_grad_(), (torch.randn(48, 8) / 8).requires_grad_()
+    drops = lora_kernels.Drops(x, p) if p else None
+    out = lora_kernels.LinearLoRA.apply(x, W, bias, A, B, 0.5, drops)
+    g = torch.randn_like(out) / 6
+    got = torch.autograd.grad(out, (x, A, B), g)
+    x64, A64, B64 = (t.detach().double().requires_grad_() for t in (x, A, B))
+    want_out = (torch.nn.functional.linear(x64, W.double(), bias.double())
+                + torch.nn.functional.linear(_dropped(x64, drops), A64) @ B64.t() * 0.5)
+    want = torch.autograd.grad(want_out, (x64, A64, B64), g.double())
+    torch.testing.assert_close(out.double(), want_out, atol=1e-5, rtol=1e-5)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a.double(), b, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("p", [0.0, 0.3])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_linear_lora_node_with_a_given_h_equals_the_formula(p, dtype):
