@@ -9,12 +9,15 @@ at dropout 0.05 (bench/train.py). Where the time went, and what this file does i
   in place with addmm_(alpha=s);
 - dropout drew a random number per element, then made a dropped copy of the input (F.dropout:
   as slow as the base matmul on a CPU), and a mask kept for the backward costs more passes to
-  convert and apply: `drop_positions` draws only the dropped positions (~p of them), and
-  `LoRAIn` takes their terms out of x A^T and of the gradients, never copying x. Modules that
-  read the same input tensor (q/k/v, gate/up) share one draw and one matmul with their
-  concatenated A's (`SharedInput`);
+  convert and apply: `drop_positions` draws only the dropped positions (~p of them), held as a
+  sparse matrix of the dropped elements (`Drops`), and their terms are taken out of x A^T and of
+  the gradients with sparse products (CSR, and a sampled product for grad_x), never copying x.
+  Modules that read the same input tensor (q/k/v, gate/up) share one draw and one matmul with
+  their concatenated A's (`SharedInput`);
 - beside a frozen nn.Linear (`LinearLoRA`, one node for both), in float32 the update rides on the
-  base products, W + s B A, instead of adding thin products to the output and to grad_x.
+  base products, W + s B A, instead of adding thin products to the output and to grad_x;
+- one BLAS call for a thin product (x A^T, g B, and the sums over tokens of the weight gradients)
+  keeps 2 cores poorly busy: they run as 4 row blocks' products (`_thin`, `_tn`).
 Outputs equal the plain path's (tests/test_lora_fast.py); dropout's random draws differ from
 F.dropout's, its distribution does not.
 """
