@@ -241,6 +241,26 @@ def test_gradient_checkpointing_with_dropout_recomputes_the_same_draws():
         torch.testing.assert_close(grads_c[n], grads[n], atol=1e-5, rtol=1e-4, msg=n)
 
 
+def test_dropout_draws_are_saved_tensors(monkeypatch):
+    """A draw's tensors reach the backward as saved tensors (not as attributes of the node), so
+    checkpointing drops them with the activations and saved-tensor hooks (offloading) see them."""
+    fast, _ = _pair("llama", dropout=0.3)
+    draws = []
+    real = lora_kernels.Drops
+    monkeypatch.setattr(lora_kernels, "Drops", lambda x, p: draws.append(real(x, p)) or draws[-1])
+    packed = []
+    layer = fast.base_model.model.layers[0]
+    layer.train()
+    x = torch.randn(2, 5, 32, requires_grad=True)
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: packed.append(t) or t, lambda t: t):
+        out = layer.mlp(layer.self_attn.o_proj(x))
+    assert len(draws) == 3  # o_proj's, gate/up's, down_proj's
+    ptrs = {t.data_ptr() for t in packed}
+    assert all(t.data_ptr() in ptrs for d in draws for t in d.tensors())
+    out.sum().backward()
+    assert x.grad is not None and "t" in draws[1].cache  # gate/up's D^T was built once, for both
+
+
 def test_copies_and_pickles_without_the_cache():
     fast, _ = _pair("llama")
     with torch.no_grad():

@@ -54,7 +54,9 @@ class Drops:
     the rescale, and the dropped elements as the sparse matrix D (x's rows x width) in CSR form,
     its indices in int32 where they fit (they split, sort and gather faster than int64). The nodes
     that read the same x (q/k/v, gate/up) share one draw; D^T, ordered by column, is built once,
-    by the first backward that needs it."""
+    by the first backward that needs it. The nodes keep the draw's tensors as saved tensors
+    (`tensors`, `_restore`), so activation checkpointing and saved-tensor hooks treat them like the
+    activations."""
 
     def __init__(self, x, p: float):
         self.drop, self.factor = drop_positions(x.numel(), p, x.device)
@@ -65,7 +67,13 @@ class Drops:
         self.rows, self.cols = flat.div(self.shape[1], rounding_mode="floor"), flat.remainder(self.shape[1])
         self.crow = _starts(self.rows, self.shape[0])
         self.vals = x2.reshape(-1).index_select(0, self.drop)
-        self._transposed = None
+        self.cache = {}  # D^T once built, shared by every node of this draw
+
+    def tensors(self) -> tuple:
+        return self.drop, self.rows, self.cols, self.crow, self.vals
+
+    def meta(self) -> tuple:
+        return self.shape, self.factor, self.cache
 
     def matrix(self):
         """D (rows x width)."""
@@ -73,11 +81,25 @@ class Drops:
 
     def transposed(self):
         """D^T (width x rows): the dropped elements ordered by column, a stable sort of their columns."""
-        if self._transposed is None:
+        if "t" not in self.cache:
             cols, order = self.cols.sort(stable=True)
-            self._transposed = _csr(_starts(cols, self.shape[1]), self.rows.index_select(0, order),
-                                    self.vals.index_select(0, order), self.shape[::-1])
-        return self._transposed
+            self.cache["t"] = _csr(_starts(cols, self.shape[1]), self.rows.index_select(0, order),
+                                   self.vals.index_select(0, order), self.shape[::-1])
+        return self.cache["t"]
+
+
+def _saved(drops) -> tuple:
+    return drops.tensors() if drops is not None else ()
+
+
+def _restore(tensors, meta, cls=Drops):
+    """The draw from a node's saved tensors and its `meta()`; None for a node without dropout."""
+    if meta is None:
+        return None
+    drops = cls.__new__(cls)
+    drops.drop, drops.rows, drops.cols, drops.crow, drops.vals = tensors
+    drops.shape, drops.factor, drops.cache = meta
+    return drops
 
 
 def _starts(sorted_index, n: int):
@@ -197,14 +219,14 @@ class LoRAIn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, A, drops):
         h = _in_forward(x.reshape(-1, x.shape[-1]), A, drops)
-        ctx.save_for_backward(x, A)
-        ctx.drops = drops
+        ctx.save_for_backward(x, A, *_saved(drops))
+        ctx.drops = None if drops is None else drops.meta()
         return h.view(*x.shape[:-1], A.shape[0])
 
     @staticmethod
     def backward(ctx, gh):
-        x, A = ctx.saved_tensors
-        drops = ctx.drops
+        x, A, *saved = ctx.saved_tensors
+        drops = _restore(saved, ctx.drops)
         gh2 = gh.reshape(-1, A.shape[0])
         if drops is not None and drops.factor != 1.0:
             gh2 = gh2 * drops.factor
@@ -264,14 +286,14 @@ class LinearLoRA(torch.autograd.Function):
             out = F.linear(x2, torch.addmm(W, B, A, alpha=s), bias)
         else:
             out = F.linear(x2, W, bias).addmm_(h, B.t(), alpha=s)
-        ctx.save_for_backward(x, W, A, B, h)
-        ctx.s, ctx.drops = s, drops
+        ctx.save_for_backward(x, W, A, B, h, *_saved(drops))
+        ctx.s, ctx.drops = s, None if drops is None else drops.meta()
         return out.view(*x.shape[:-1], W.shape[0])
 
     @staticmethod
     def backward(ctx, g):
-        x, W, A, B, h = ctx.saved_tensors
-        drops = ctx.drops
+        x, W, A, B, h, *saved = ctx.saved_tensors
+        drops = _restore(saved, ctx.drops)
         factor = 1.0 if drops is None else drops.factor
         g2, x2 = g.reshape(-1, g.shape[-1]), x.reshape(-1, x.shape[-1])
         need_x, need_A, need_B = ctx.needs_input_grad[0], ctx.needs_input_grad[3], ctx.needs_input_grad[4]
