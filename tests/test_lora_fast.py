@@ -27,6 +27,19 @@ def _pair(arch, **cfg):
     return fast, plain
 
 
+@pytest.fixture
+def draws(monkeypatch):
+    """The dropout draws (lora_kernels.Drops) made while a test runs, in order."""
+    made = []
+    init = lora_kernels.Drops.__init__
+
+    def recording(self, x, p):
+        init(self, x, p)
+        made.append(self)
+    monkeypatch.setattr(lora_kernels.Drops, "__init__", recording)
+    return made
+
+
 def _loss_and_grads(model, b):
     model.train()
     model.zero_grad(set_to_none=True)
@@ -241,13 +254,10 @@ def test_gradient_checkpointing_with_dropout_recomputes_the_same_draws():
         torch.testing.assert_close(grads_c[n], grads[n], atol=1e-5, rtol=1e-4, msg=n)
 
 
-def test_dropout_draws_are_saved_tensors(monkeypatch):
+def test_dropout_draws_are_saved_tensors(draws):
     """A draw's tensors reach the backward as saved tensors (not as attributes of the node), so
     checkpointing drops them with the activations and saved-tensor hooks (offloading) see them."""
     fast, _ = _pair("llama", dropout=0.3)
-    draws = []
-    real = lora_kernels.Drops
-    monkeypatch.setattr(lora_kernels, "Drops", lambda x, p: draws.append(real(x, p)) or draws[-1])
     packed = []
     layer = fast.base_model.model.layers[0]
     layer.train()
@@ -410,19 +420,12 @@ def test_linear_lora_node_with_a_given_h_equals_the_formula(p, dtype):
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.3])
-def test_siblings_gradients_equal_the_formula_with_some_members_not_fused(dropout, monkeypatch):
+def test_siblings_gradients_equal_the_formula_with_some_members_not_fused(dropout, draws):
     """q/k/v share one matmul and one dropout draw; q and k train through fused nodes (detached
     slices, the group's draw), v, with a forward hook, through the separate nodes of the shared
     matmul: the outputs and the gradients of x and of every A and B equal autograd's through
     base(x) + B A dropout(x) s, with the same draw."""
     fast, _ = _pair("llama", dropout=dropout)
-    draws = []
-    real = lora_kernels.Drops
-
-    def recording(x, p):
-        draws.append(real(x, p))
-        return draws[-1]
-    monkeypatch.setattr(lora_kernels, "Drops", recording)
     attn = fast.base_model.model.layers[0].self_attn
     handle = attn.v_proj.base_layer.register_forward_hook(lambda m, i, out: None)
     x = torch.randn(2, 9, 32, requires_grad=True)

@@ -92,11 +92,11 @@ def _saved(drops) -> tuple:
     return drops.tensors() if drops is not None else ()
 
 
-def _restore(tensors, meta, cls=Drops):
+def _restore(tensors, meta):
     """The draw from a node's saved tensors and its `meta()`; None for a node without dropout."""
     if meta is None:
         return None
-    drops = cls.__new__(cls)
+    drops = Drops.__new__(Drops)
     drops.drop, drops.rows, drops.cols, drops.crow, drops.vals = tensors
     drops.shape, drops.factor, drops.cache = meta
     return drops
@@ -202,9 +202,10 @@ def folds(W, rows: int) -> bool:
     return W.dtype in (torch.float32, torch.float64) and fold_pays(W, rows)
 
 
-def _out_grads(g2, h2, B, s, need_h, need_B):
-    """(s g B, s (h^T g)^T): the output side's gradients, in the fast layouts for a thin B."""
-    grad_h = _thin(g2, B.t().contiguous()).mul_(s) if need_h else None
+def _out_grads(g2, h2, B, s, need_h, need_B, factor=1.0):
+    """(s factor g B, s (h^T g)^T): the output side's gradients, in the fast layouts for a thin B
+    (factor: dropout's rescale, which the input side's gradient carries too)."""
+    grad_h = _thin(g2, B.t().contiguous()).mul_(s * factor) if need_h else None
     grad_B = _tn(h2, g2).t().mul_(s) if need_B else None
     return grad_h, grad_B
 
@@ -299,9 +300,7 @@ class LinearLoRA(torch.autograd.Function):
         need_x, need_A, need_B = ctx.needs_input_grad[0], ctx.needs_input_grad[3], ctx.needs_input_grad[4]
         fold = folds(W, g2.shape[0])
         need_gh = need_A or (need_x and (drops is not None or not fold))
-        gh2, grad_B = _out_grads(g2, h, B, ctx.s, need_gh, need_B)
-        if gh2 is not None and factor != 1.0:
-            gh2.mul_(factor)
+        gh2, grad_B = _out_grads(g2, h, B, ctx.s, need_gh, need_B, factor)
         grad_A = _grad_A(gh2, x2, drops) if need_A else None
         grad_x = None
         if need_x and fold:
