@@ -167,35 +167,25 @@ def test_lora_in_with_dropout_equals_the_masked_formula():
     assert (gx.view(-1)[drops.drop] == 0).all()
 
 
-def test_dropout_uses_one_draw_for_siblings_and_matches_the_formula(monkeypatch):
+def test_dropout_uses_one_draw_for_siblings_and_matches_the_formula(draws):
     fast, _ = _pair("llama", dropout=0.3)
-    draws = []
-    real = lora_kernels.drop_positions
-
-    def recording(n, p, device):
-        drop, factor = real(n, p, device)
-        draws.append((drop, factor))
-        return drop, factor
-    monkeypatch.setattr(lora_kernels, "drop_positions", recording)
     attn = fast.base_model.model.layers[0].self_attn
     attn.train()
     x = torch.randn(2, 5, 32)
     outs = [getattr(attn, n)(x) for n in ("q_proj", "k_proj", "v_proj")]
     assert len(draws) == 1
-    drop, factor = draws[0]
-    keep = _keep(drop, x.shape)
+    xd = _dropped(x, draws[0])
     for n, out in zip(("q_proj", "k_proj", "v_proj"), outs):
         layer = getattr(attn, n)
         piece = layer.deltas["default"]
-        want = layer.base_layer(x) + piece.lora_B(piece.lora_A(x * keep * factor)) * piece.scale
+        want = layer.base_layer(x) + piece.lora_B(piece.lora_A(xd)) * piece.scale
         torch.testing.assert_close(out, want, atol=1e-6, rtol=1e-5)
     # o_proj (no siblings) trains through the fused node, with a draw of its own
     o = attn.o_proj
     out = o(x)
     assert len(draws) == 2 and type(out.grad_fn).__name__ == "LinearLoRABackward"
-    drop, factor = draws[1]
     piece = o.deltas["default"]
-    want = o.base_layer(x) + piece.lora_B(piece.lora_A(x * _keep(drop, x.shape) * factor)) * piece.scale
+    want = o.base_layer(x) + piece.lora_B(piece.lora_A(_dropped(x, draws[1]))) * piece.scale
     torch.testing.assert_close(out, want, atol=1e-6, rtol=1e-5)
     # expectation over draws: the mean LoRA output approaches the dropout-free one
     with torch.no_grad():

@@ -167,10 +167,10 @@ class LoRALinear(AddsToOutput):
         base: one autograd node (lora_kernels.LinearLoRA) whose grad_x includes the LoRA's part. A
         piece sharing its input's matmul and dropout draw with siblings (q/k/v) hands it its slice of
         that matmul, detached, and the draw (whose column-ordered D^T the group builds once); the
-        node gives A its gradient. Inference: F.linear(x,
-        W + s B A, bias), one matmul and no pass over the output; building W + s B A costs
-        (out x in) writes, the thin products (rows x (in + out)), so it is used only when the rows
-        outnumber in*out / (in + out), and a decoding step with a few rows keeps the thin path."""
+        node gives A its gradient. Inference: F.linear(x, W + s B A, bias), one matmul and no pass
+        over the output; building W + s B A costs (out x in) writes, the thin products (rows x (in +
+        out)), so it is used only when the rows outnumber in*out / (in + out), and a decoding step
+        with a few rows keeps the thin path."""
         if len(args) != 1 or kwargs or type(base_layer) is not nn.Linear or self.lora_B.bias is not None:
             return None
         x, W = args[0], base_layer.weight
